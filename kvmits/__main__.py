@@ -1,0 +1,5 @@
+import sys
+
+from kvmits.cli import main
+
+sys.exit(main())
