@@ -1,0 +1,248 @@
+"""tools/testbed's command line.
+
+    tools/testbed build [--refresh] [--force]       make or refresh the cached image
+    tools/testbed run [OPTIONS] -- CMD [ARGS...]    run CMD in the guest, in a copy of the tree
+    tools/testbed probe [OPTIONS]                   quick check of KVM inside the guest
+    tools/testbed clean                             remove the cache
+
+Exit status: CMD's own, or one of errors.EXIT_* for the testbed's own failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import build, job, qemu
+from .console import ConsoleFilter, new_token
+from .errors import EXIT_INTERRUPTED, EXIT_TESTBED, EXIT_TIMEOUT, TestbedError
+from .log import clock, info, since
+from .paths import SOURCE_ROOT, Layout, cache_root
+
+PROBE_COMMAND = ["sh", "tools/testbed_lib/guest/probe.sh"]
+LOG_KEEP = 20
+
+EPILOG = """exit status: the command's own (0-255) when the guest reported it; otherwise
+124 when the time limit stopped qemu, 125 when the testbed itself failed (host setup,
+image build, make -C guests, qemu, or a guest that stopped without reporting), 2 for a bad
+command line, 130 on Ctrl-C. The testbed's messages go to stderr, prefixed 'testbed:';
+stdout is the guest's console.
+
+environment: KVMITS_CACHE (cache directory, default ${XDG_CACHE_HOME:-~/.cache}/kvmits;
+the testbed uses its testbed/ subdirectory), KVMITS_TESTBED_SMP, KVMITS_TESTBED_MEM,
+KVMITS_TESTBED_TIMEOUT (defaults for --smp, --mem, --timeout)."""
+
+
+def _env_default(name: str, default: int, environ) -> int:
+    value = environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise SystemExit(f"testbed: {name}={value!r} is not a whole number") from None
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
+    return n
+
+
+def _env_assignment(text: str) -> str:
+    try:
+        job.parse_env([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser(environ=None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="tools/testbed",
+        description="arm64 KVM for kvmits on an x86_64 host: Debian's arm64 kernel under "
+                    "qemu-system-aarch64 (TCG, EL2 emulated), built from Debian packages and cached.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    refresh = argparse.ArgumentParser(add_help=False)
+    refresh.add_argument("--refresh", action="store_true",
+                         help="update the arm64 package lists and wheels now (normally once a day)")
+
+    p = sub.add_parser("build", parents=[refresh], help="build or refresh the cached image only")
+    p.add_argument("--force", action="store_true", help="rebuild even if the image is current")
+
+    boot = argparse.ArgumentParser(add_help=False)
+    g = boot.add_argument_group("guest machine")
+    g.add_argument("--smp", type=_positive, default=_env_default("KVMITS_TESTBED_SMP", 2, environ),
+                   help="vCPUs of the guest (default %(default)s)")
+    g.add_argument("--mem", type=_positive, default=_env_default("KVMITS_TESTBED_MEM", 2048, environ),
+                   metavar="MIB", help="guest memory in MiB (default %(default)s)")
+    g.add_argument("--timeout", type=_positive,
+                   default=_env_default("KVMITS_TESTBED_TIMEOUT", 1200, environ), metavar="SECONDS",
+                   help="time limit from boot to power-off (default %(default)s); exit 124 when hit")
+    g.add_argument("--nvhe", action="store_true",
+                   help=f"boot the guest kernel with {qemu.NVHE_APPEND} (KVM in nVHE mode)")
+    g.add_argument("--cpu", default=qemu.CPU, help="qemu CPU model (default %(default)s)")
+    g.add_argument("--append", default="", metavar="ARGS", help="more guest kernel command line")
+    j = boot.add_argument_group("job")
+    j.add_argument("--no-make", action="store_true",
+                   help="do not run 'make -C guests' before packing the tree")
+    j.add_argument("-q", "--quiet", action="store_true",
+                   help="show only the command's output, not the boot messages and markers")
+
+    p = sub.add_parser("run", parents=[refresh, boot], help="run a command in the guest",
+                       usage="tools/testbed run [OPTIONS] -- CMD [ARGS...]",
+                       description="Runs CMD in the arm64 guest, in a copy of the source tree "
+                                   "(kvmits/ include/ tests/ tools/ benchmarks/ pyproject.toml, "
+                                   "tracked and untracked-not-ignored, plus guests/build/), with "
+                                   "PYTHONPATH set to it, and exits with CMD's exit status.")
+    p.add_argument("-e", "--env", action="append", default=[], type=_env_assignment,
+                   metavar="NAME=VALUE", help="set an environment variable for CMD (repeatable)")
+
+    sub.add_parser("probe", parents=[refresh, boot],
+                   help="boot and check KVM in the guest (uname, /dev/kvm, python, cffi, kvmits probe)")
+    sub.add_parser("clean", help="remove the testbed cache")
+    return parser
+
+
+def parse_args(argv: list[str], environ=None) -> argparse.Namespace:
+    """Parses argv; for `run`, everything after the first '--' is the command."""
+    parser = build_parser(environ)
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1:]
+    else:
+        command = None
+    args = parser.parse_args(argv)
+    if args.subcommand == "run":
+        if not command:
+            parser.error("run: give the command after '--', e.g. "
+                         "tools/testbed run -- python3 -m pytest tests/arm64")
+        args.command = command
+    elif command is not None:
+        parser.error(f"{args.subcommand} takes no command after '--'")
+    else:
+        args.command = PROBE_COMMAND if args.subcommand == "probe" else None
+    return args
+
+
+def boot_config(args: argparse.Namespace) -> qemu.BootConfig:
+    return qemu.BootConfig(smp=args.smp, mem=args.mem, cpu=args.cpu, nvhe=args.nvhe,
+                           append=args.append, timeout=args.timeout, quiet=args.quiet)
+
+
+def new_log(layout: Layout, subcommand: str) -> Path:
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    logs = sorted(layout.logs.glob("*.log"))
+    for old in logs[:max(0, len(logs) - (LOG_KEEP - 1))]:
+        old.unlink(missing_ok=True)
+    return layout.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{subcommand}.log"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link keeps this run's kernel even if another process rebuilds the image.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def cmd_build(args: argparse.Namespace, layout: Layout) -> int:
+    build.ensure_host()
+    with build.locked(layout):
+        stamp = build.ensure_image(layout, refresh=args.refresh, force=args.force)
+    info(f"image in {layout.image}: kernel {stamp['kernel']}, {len(stamp['guest_packages'])} "
+         f"packages, wheels {' '.join(stamp['wheels']) or 'none'}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace, layout: Layout) -> int:
+    if layout.root.exists():
+        with build.locked(layout):
+            for child in layout.root.iterdir():
+                if child.name != "lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        info(f"removed {layout.root}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
+    build.ensure_host()
+    if not args.no_make:
+        job.make_guests(SOURCE_ROOT)
+    files = job.select_files(SOURCE_ROOT)
+    script = job.run_script(args.command, job.parse_env(getattr(args, "env", [])))
+    token = new_token()
+    layout.runs.mkdir(parents=True, exist_ok=True)
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=layout.runs))
+    try:
+        with build.locked(layout):
+            build.ensure_image(layout, refresh=args.refresh)
+            t = clock()
+            _link_or_copy(layout.kernel, rundir / "vmlinuz")
+            with open(rundir / "initrd", "wb") as f:
+                with open(layout.base_cpio, "rb") as base:
+                    shutil.copyfileobj(base, f, 1 << 20)
+                job.write_job(f, SOURCE_ROOT, files, script)
+        info(f"job: {len(files)} files of {SOURCE_ROOT} ({since(t):.1f}s to pack)")
+        cfg = boot_config(args)
+        cmd = qemu.qemu_command(cfg, rundir / "vmlinuz", rundir / "initrd", token)
+        log_path = new_log(layout, args.subcommand)
+        info(f"booting: {args.smp} vCPUs, {args.mem} MiB, time limit {args.timeout}s; "
+             f"console log {log_path}")
+        with open(log_path, "w") as log:
+            log.write(f"# tools/testbed {args.subcommand}: {' '.join(args.command)}\n"
+                      f"# {' '.join(cmd)}\n")
+            log.flush()
+            console = ConsoleFilter(token, quiet=args.quiet)
+            result = qemu.boot(cmd, cfg, console, sys.stdout, log)
+            verdict = verdict_of(result, args.timeout, log_path)
+            log.write(f"# {verdict[1]}\n")
+        info(verdict[1])
+        return verdict[0]
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path) -> tuple[int, str]:
+    """The exit status of a run, and the line that explains it."""
+    timing = (f"booted in {result.booted_after:.1f}s, " if result.booted_after is not None else "")
+    timing += f"{result.seconds:.1f}s in the guest"
+    if result.timed_out:
+        where = "while the command ran" if result.booted_after is not None else "before the guest finished booting"
+        return EXIT_TIMEOUT, (f"time limit of {timeout}s reached {where}; qemu stopped "
+                              f"(exit {EXIT_TIMEOUT}). Console log: {log_path}")
+    if result.status is None:
+        last = "\n    ".join(result.tail)
+        panic = f" The guest kernel panicked: {result.panic}." if result.panic else ""
+        return EXIT_TESTBED, (f"the guest stopped without reporting an exit status (qemu exit "
+                              f"{result.qemu_status}; {timing}); exit {EXIT_TESTBED}.{panic} "
+                              f"Last console lines:\n    {last}\nConsole log: {log_path}")
+    status = min(result.status, 255)
+    return status, f"command exited with status {status} ({timing})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    layout = Layout(cache_root())
+    handler = {"build": cmd_build, "run": cmd_run, "probe": cmd_run, "clean": cmd_clean}[args.subcommand]
+    try:
+        return handler(args, layout)
+    except TestbedError as exc:
+        info(f"error: {exc}")
+        return exc.status
+    except KeyboardInterrupt:
+        info("interrupted")
+        return EXIT_INTERRUPTED
