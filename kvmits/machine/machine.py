@@ -1,0 +1,252 @@
+"""An arm64 VM you can boot: KVM, the in-kernel GICv3 (and ITS), RAM, a PL011, vCPU threads.
+
+    m = Machine(MachineConfig(cpus=4, mem_size=256 << 20, its="kernel"), console=sys.stdout.buffer)
+    m.load("guest.bin")                 # or a Linux Image, with cmdline= and initrd=
+    m.start()
+    with m.paused():                    # every vCPU outside KVM_RUN: device attributes work
+        print(hex(m.its.get_reg(GITS_TYPER)))
+    print(m.wait(timeout=10))           # MachineExit(reason="poweroff", status=0, ...)
+    m.close()
+
+Bring-up order (the one the kernel accepts, confirmed on the testbed): VM, RAM, vCPUs (vCPU 0
+with PSCI 0.2, the others also powered off, to be started by PSCI CPU_ON, which KVM handles),
+the vGICv3 and its addresses, the ITS (create, address, init), vGIC init; then the image and the
+device tree, and the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from kvmits import uapi
+from kvmits.gic import KernelIts, VGicV3
+from kvmits.gic.regs import MPIDR_EL1, arm64_sysreg_id
+from kvmits.kvm import Kvm, arm_irq
+from kvmits.kvm import GuestMemory
+from kvmits.machine.bus import MmioBus, MmioDevice
+from kvmits.machine.devicetree import Initrd, build_dtb
+from kvmits.machine.loader import BootLayout, place_image, plan_layout
+from kvmits.machine.memmap import UART_SPI, MemoryMap
+from kvmits.machine.msi import MsiRoutes
+from kvmits.machine.pl011 import Pl011
+from kvmits.machine.runner import MachineExit, VcpuRunner
+
+log = logging.getLogger(__name__)
+
+#: the ITS kinds a machine can have ("user", a userspace ITS in front of a hidden in-kernel
+#: one, arrives with kvmits.its); None: no ITS, and the guest sees no LPIs at all
+ITS_KINDS = ("kernel",)
+DEFAULT_MEM_SIZE = 128 << 20
+DEFAULT_NR_IRQS = 128
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What the user chooses. `its`: "kernel" or None; `nr_irqs`: 32 private + SPIs, multiple
+    of 32; `agent`: map the guest agent's mailbox device (kvmits.machine.agent) at 0x0A000000."""
+
+    cpus: int = 1
+    mem_size: int = DEFAULT_MEM_SIZE
+    its: str | None = "kernel"
+    nr_irqs: int = DEFAULT_NR_IRQS
+    agent: bool = False
+
+    def __post_init__(self):
+        if self.its is not None and self.its not in ITS_KINDS:
+            raise ValueError(f"its must be None or one of {ITS_KINDS}, not {self.its!r}")
+        MemoryMap(self.cpus, self.mem_size)          # validates cpus and mem_size
+        if self.nr_irqs % 32 or not 64 <= self.nr_irqs <= 1024:
+            raise ValueError(f"nr_irqs must be a multiple of 32 in 64..1024, not {self.nr_irqs}")
+
+
+class Machine:
+    """One arm64 VM on this host's KVM. See the module docstring; docs/machine.md has the contract."""
+
+    def __init__(self, config: MachineConfig | None = None, *, console: BinaryIO | None = None,
+                 kvm: Kvm | None = None):
+        self.config = config or MachineConfig()
+        self.memmap = MemoryMap(self.config.cpus, self.config.mem_size)
+        self._own_kvm = kvm is None
+        self.kvm = Kvm() if kvm is None else kvm
+        self.vm = None
+        self.ram: GuestMemory | None = None
+        self.its: KernelIts | None = None
+        self.msi_routes: MsiRoutes | None = None
+        self.agent = None
+        self.boot: BootLayout | None = None
+        self.dtb: bytes | None = None
+        self._closed = False
+        try:
+            self._build(console)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, console) -> None:
+        mm = self.memmap
+        self.vm = self.kvm.create_vm()
+        self.ram = GuestMemory(mm.ram.base, mm.ram.size)
+        self.vm.add_memory(self.ram)
+        self.vcpus = []
+        for i in range(mm.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            features = [uapi.KVM_ARM_VCPU_PSCI_0_2]
+            if i:
+                features.append(uapi.KVM_ARM_VCPU_POWER_OFF)
+            vcpu.arm_init(features=features)
+            self.vcpus.append(vcpu)
+        #: MPIDR_EL1 of each vCPU, as KVM set it (device tree cpu reg; vGIC register attributes)
+        self.mpidrs = [v.get_one_reg(arm64_sysreg_id(MPIDR_EL1)) for v in self.vcpus]
+
+        self.gic = VGicV3(self.vm)
+        self.gic.set_dist_base(mm.gicd.base)
+        self.gic.set_redist_base(mm.gicr.base)
+        self.gic.set_nr_irqs(self.config.nr_irqs)
+        if self.config.its == "kernel":
+            self.its = KernelIts(self.vm)
+            self.its.set_base(mm.its.base)
+            self.its.ctrl_init()
+            self.msi_routes = MsiRoutes(self.vm, self.its.doorbell)
+        self.gic.ctrl_init()
+
+        self.bus = MmioBus()
+        self.uart = Pl011(console, irq=self._uart_irq)
+        self._uart_irq_line = arm_irq(uapi.KVM_ARM_IRQ_TYPE_SPI, 32 + UART_SPI)
+        self.bus.add(mm.uart.base, mm.uart.size, self.uart, "pl011")
+        if self.config.agent:
+            from kvmits.machine.agent import AgentDevice   # written alongside: only needed when asked for
+            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick)
+            self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
+        self.runner = VcpuRunner(self.vcpus, self.bus)
+
+    def _uart_irq(self, level: int) -> None:
+        self.vm.irq_line(self._uart_irq_line, level)
+
+    # -- devices -----------------------------------------------------------------------------------
+    def add_device(self, base: int, size: int, device: MmioDevice, name: str | None = None) -> None:
+        """Put a device model on the MMIO bus (before start())."""
+        self.bus.add(base, size, device, name)
+
+    # -- boot ----------------------------------------------------------------------------------------
+    def load(self, image: bytes | str | os.PathLike, *, kind: str = "auto", cmdline: str = "",
+             initrd: bytes | str | os.PathLike | None = None) -> BootLayout:
+        """Load a guest image ("raw", "linux" or "auto"), build and place the device tree (with
+        `cmdline` as bootargs, and the initrd's range), and point vCPU 0 at the entry with
+        x0 = the device tree's address. Returns where everything went (kvmits.machine.loader)."""
+        if self.runner.started:
+            raise RuntimeError("load() after start()")
+        data = _read(image)
+        initrd_data = None if initrd is None else _read(initrd)
+        placed = place_image(self.memmap.ram, data, kind)
+        layout = plan_layout(self.memmap.ram, placed, None if initrd_data is None else len(initrd_data))
+        self.ram.write(placed.load_addr, placed.data)
+        initrd_range = None
+        if initrd_data is not None:
+            self.ram.write(layout.initrd_addr, initrd_data)
+            initrd_range = Initrd(layout.initrd_addr, layout.initrd_addr + len(initrd_data))
+        self.dtb = build_dtb(self.memmap, self.mpidrs, its=self.its is not None, bootargs=cmdline, initrd=initrd_range)
+        self.ram.write(layout.dtb_addr, self.dtb)
+        boot = self.vcpus[0]
+        boot.set_one_reg(uapi.arm64_core_reg("pc"), placed.entry)
+        boot.set_one_reg(uapi.arm64_core_reg("x0"), layout.dtb_addr)
+        for reg in ("x1", "x2", "x3"):
+            boot.set_one_reg(uapi.arm64_core_reg(reg), 0)
+        self.boot = layout
+        log.info("%s image at %#x (entry %#x), device tree at %#x%s", placed.kind, placed.load_addr, placed.entry,
+                 layout.dtb_addr, "" if initrd_range is None else f", initrd at {initrd_range.start:#x}")
+        return layout
+
+    # -- running -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the vCPU threads (from the main thread, or after install_kick_handler())."""
+        if self.boot is None:
+            raise RuntimeError("nothing loaded: call load() first")
+        self.runner.start()
+
+    def wait(self, timeout: float | None = None) -> MachineExit:
+        """Until the VM ends: its MachineExit, or the failure of a vCPU thread re-raised.
+        TimeoutError if still running after `timeout` s."""
+        return self.runner.wait(timeout)
+
+    def run(self, timeout: float | None = None) -> MachineExit:
+        self.start()
+        return self.wait(timeout)
+
+    def stop(self) -> None:
+        """End the VM from the host (MachineExit "stopped") unless it already ended; no wait."""
+        self.runner.stop()
+
+    def pause_all(self, timeout: float | None = 30.0) -> None:
+        """Every vCPU outside KVM_RUN until resume_all(): what vGIC/ITS attribute access needs.
+        Nests; safe from a vCPU thread (see kvmits.machine.runner)."""
+        self.runner.pause_all(timeout)
+
+    def resume_all(self) -> None:
+        self.runner.resume_all()
+
+    @contextmanager
+    def paused(self, timeout: float | None = 30.0):
+        self.pause_all(timeout)
+        try:
+            yield self
+        finally:
+            self.resume_all()
+
+    def kick(self, cpu: int) -> None:
+        """Signal vCPU `cpu` out of KVM_RUN once (no pause): it re-enters at once."""
+        self.runner.kick(cpu)
+
+    # -- MSIs ----------------------------------------------------------------------------------------
+    def signal_msi(self, devid: int, eventid: int) -> int:
+        """KVM_SIGNAL_MSI of EventID `eventid` from DeviceID `devid` to the in-kernel ITS's
+        GITS_TRANSLATER: 1 if delivered, 0 if it does not translate; KvmError(EBUSY) while the
+        guest has not enabled the ITS. No pause needed."""
+        if self.its is None:
+            raise RuntimeError("this machine has no in-kernel ITS (its=None)")
+        return self.vm.signal_msi(self.its.doorbell, eventid, devid=devid)
+
+    def set_msi_routes(self, table) -> dict:
+        """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
+        (see kvmits.machine.msi.MsiRoutes.set)."""
+        if self.msi_routes is None:
+            raise RuntimeError("this machine has no in-kernel ITS (its=None)")
+        return self.msi_routes.set(table)
+
+    # -- lifetime --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the VM if it runs, wait for its threads, and release KVM objects and RAM."""
+        if self._closed:
+            return
+        self._closed = True
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.started:
+            runner.stop()
+            try:
+                runner.wait()
+            except Exception as exc:    # noqa: BLE001 - closing: the failure was (or will not be) reported
+                log.debug("closing after a failed VM: %r", exc)
+        if self.msi_routes is not None and self.vm is not None:
+            self.msi_routes.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.ram is not None:
+            self.ram.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _read(source: bytes | str | os.PathLike) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    with open(source, "rb") as f:
+        return f.read()

@@ -1,0 +1,169 @@
+"""A minimal Arm PL011 UART (PrimeCell UART, Arm DDI 0183): enough for Linux's amba-pl011
+driver (earlycon and console) and for bare guest programs.
+
+TX goes straight to a host byte stream, so the transmit FIFO is always empty (FR.TXFE = 1,
+FR.BUSY = 0). RX comes from a queue the host feeds (feed()). Baud rate, line control and the
+DMA register are plain storage. The interrupt is modelled as a level: TXRIS is set by each
+transmitted byte (the FIFO drained at once) and cleared by UARTICR, RXRIS is set while received
+bytes wait; the line is (RIS & IMSC) != 0, reported through the `irq` callback. Linux needs
+the TX interrupt to push more than half a FIFO of tty output, and the RX one for input.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import BinaryIO, Callable
+
+log = logging.getLogger(__name__)
+
+# Register offsets (DDI 0183, 3.2 "Summary of registers")
+UARTDR = 0x000
+UARTRSR = 0x004          # UARTECR on write
+UARTFR = 0x018
+UARTILPR = 0x020
+UARTIBRD = 0x024
+UARTFBRD = 0x028
+UARTLCR_H = 0x02C
+UARTCR = 0x030
+UARTIFLS = 0x034
+UARTIMSC = 0x038
+UARTRIS = 0x03C
+UARTMIS = 0x040
+UARTICR = 0x044
+UARTDMACR = 0x048
+UARTPeriphID0 = 0xFE0    # noqa: N816 - the TRM's names
+UARTPCellID0 = 0xFF0     # noqa: N816
+
+# UARTFR bits
+FR_BUSY = 1 << 3
+FR_RXFE = 1 << 4
+FR_TXFF = 1 << 5
+FR_RXFF = 1 << 6
+FR_TXFE = 1 << 7
+# interrupt bits (UARTIMSC / RIS / MIS / ICR)
+INT_RX = 1 << 4
+INT_TX = 1 << 5
+INT_RT = 1 << 6
+INT_ALL = 0x7FF
+
+#: UARTPeriphID0..3 of a PL011 r1p5 (part 0x011, designer 0x41 = Arm, revision 3) and the
+#: PrimeCell UARTPCellID0..3; Linux's AMBA bus reads them to bind the driver.
+PERIPH_ID = (0x11, 0x10, 0x34, 0x00)
+PCELL_ID = (0x0D, 0xF0, 0x05, 0xB1)
+
+# storage registers: offset -> (reset value, writable mask)
+_STORAGE = {
+    UARTILPR: (0, 0xFF),
+    UARTIBRD: (0, 0xFFFF),
+    UARTFBRD: (0, 0x3F),
+    UARTLCR_H: (0, 0xFF),
+    UARTCR: (0x300, 0xFF87),     # reset: TXE | RXE
+    UARTIFLS: (0x12, 0x3F),
+    UARTDMACR: (0, 0x7),
+}
+
+#: how many received bytes wait before FR.RXFF reads 1 (the PL011's 16-entry FIFO depth)
+RX_FIFO_DEPTH = 16
+
+
+class Pl011:
+    """The UART model. `out` receives every transmitted byte (flushed at once; None discards);
+    `irq(level)` is called when the interrupt line changes (None: no interrupt wired)."""
+
+    def __init__(self, out: BinaryIO | None = None, irq: Callable[[int], None] | None = None):
+        self.out = out
+        self.irq = irq
+        self._lock = threading.Lock()
+        self._rx: collections.deque[int] = collections.deque()
+        self._regs = {off: reset for off, (reset, _mask) in _STORAGE.items()}
+        self._imsc = 0
+        self._ris = 0               # latched bits (TX); RX is computed from the queue
+        self._line = 0
+        #: bytes transmitted / guest accesses that were not to a register (counted, ignored)
+        self.tx_count = 0
+        self.bad_accesses = 0
+
+    # -- host side -------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Queue bytes for the guest to receive (any thread)."""
+        with self._lock:
+            self._rx.extend(data)
+            self._update_irq()
+
+    def rx_pending(self) -> int:
+        return len(self._rx)
+
+    # -- interrupt state (call with the lock held) -----------------------------------------------
+    def _raw_status(self) -> int:
+        return self._ris | (INT_RX if self._rx else 0)
+
+    def _update_irq(self) -> None:
+        line = 1 if self._raw_status() & self._imsc else 0
+        if line != self._line:
+            self._line = line
+            if self.irq is not None:
+                self.irq(line)
+
+    # -- the MMIO device interface --------------------------------------------------------------
+    def mmio_read(self, vcpu: int, offset: int, size: int) -> int:
+        reg = offset & ~3
+        shift = (offset & 3) * 8
+        with self._lock:
+            if reg == UARTDR:
+                value = self._rx.popleft() if self._rx else 0
+                self._update_irq()
+            elif reg == UARTFR:
+                value = FR_TXFE | (FR_RXFE if not self._rx else 0) | (FR_RXFF if len(self._rx) >= RX_FIFO_DEPTH else 0)
+            elif reg == UARTRSR:
+                value = 0
+            elif reg == UARTIMSC:
+                value = self._imsc
+            elif reg == UARTRIS:
+                value = self._raw_status()
+            elif reg == UARTMIS:
+                value = self._raw_status() & self._imsc
+            elif reg in self._regs:
+                value = self._regs[reg]
+            elif UARTPeriphID0 <= reg < UARTPeriphID0 + 16:
+                value = PERIPH_ID[(reg - UARTPeriphID0) >> 2]
+            elif UARTPCellID0 <= reg < UARTPCellID0 + 16:
+                value = PCELL_ID[(reg - UARTPCellID0) >> 2]
+            else:
+                # UARTICR is write-only; everything else is reserved: reads as 0
+                self.bad_accesses += reg != UARTICR
+                value = 0
+        return (value >> shift) & ((1 << (8 * size)) - 1)
+
+    def mmio_write(self, vcpu: int, offset: int, size: int, value: int) -> None:
+        if offset & 3:
+            self.bad_accesses += 1      # a sub-word write not at a register's start: ignored
+            return
+        with self._lock:
+            if offset == UARTDR:
+                self._transmit(value & 0xFF)
+                self._ris |= INT_TX
+            elif offset == UARTIMSC:
+                self._imsc = value & INT_ALL
+            elif offset == UARTICR:
+                self._ris &= ~value     # RX is level: it clears when the queue is read empty
+            elif offset == UARTRSR:
+                pass                    # UARTECR: clears the error flags, which never get set here
+            elif offset in self._regs:
+                self._regs[offset] = value & _STORAGE[offset][1]
+            else:
+                self.bad_accesses += 1  # read-only or reserved: ignored
+            self._update_irq()
+
+    def _transmit(self, byte: int) -> None:
+        self.tx_count += 1
+        out = self.out
+        if out is None:
+            return
+        try:
+            out.write(bytes((byte,)))
+            out.flush()
+        except (OSError, ValueError) as exc:   # a closed or broken console must not kill the vCPU
+            log.warning("PL011 console output failed (%s); discarding further output", exc)
+            self.out = None
