@@ -39,3 +39,19 @@ def x86_kvm(kvm):
     if platform.machine() != "x86_64":
         pytest.skip(f"x86 smoke guest needs an x86_64 KVM host, this is {platform.machine()}")
     return kvm
+
+
+def arm64_kvm_unavailable_reason() -> str | None:
+    """None if arm64 KVM VMs can run here (natively, or inside the testbed), else why not."""
+    if platform.machine() != "aarch64":
+        return (f"needs arm64 KVM and this host is {platform.machine()}: the arm64 tests run in the "
+                "testbed: tools/testbed run -- python3 -m pytest tests/arm64")
+    return kvm_unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def arm64_kvm():
+    """Skip (saying why) unless this is an arm64 host with a usable /dev/kvm."""
+    reason = arm64_kvm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
