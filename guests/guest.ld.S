@@ -6,6 +6,13 @@
 OUTPUT_ARCH(aarch64)
 ENTRY(_start)
 
+/* Code and data in separate segments, so no linker sees (and warns about) an RWX segment. */
+PHDRS
+{
+	text PT_LOAD FLAGS(5);          /* R X */
+	data PT_LOAD FLAGS(6);          /* R W */
+}
+
 SECTIONS
 {
 	. = 0x40080000;
@@ -13,13 +20,13 @@ SECTIONS
 	.text : {
 		KEEP(*(.text.boot))
 		*(.text .text.*)
-	}
-	.rodata : { *(.rodata .rodata.*) }
+	} :text
+	.rodata : { *(.rodata .rodata.*) } :text
 	. = ALIGN(4096);
 	.data : {
 		*(.data.idmap)
 		*(.data .data.*)
-	}
+	} :data
 	. = ALIGN(16);
 	__image_end = .;
 	.bss (NOLOAD) : {
@@ -28,7 +35,7 @@ SECTIONS
 		*(COMMON)
 		. = ALIGN(16);
 		__bss_end = .;
-	}
+	} :data
 	_end = .;
 	/DISCARD/ : { *(.comment) *(.note*) *(.eh_frame*) *(.interp) *(.dynamic) }
 }

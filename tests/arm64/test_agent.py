@@ -9,6 +9,7 @@ Runs natively on an arm64 KVM host, or on x86_64 in the testbed:
 from __future__ import annotations
 
 import os
+import time
 import platform
 
 import pytest
@@ -213,3 +214,64 @@ def test_system_off_from_a_secondary_ends_the_vm():
         assert m.agent.panics == []
     finally:
         m.close()
+
+
+def test_lpis_counted_in_guest_ram_without_exits_then_reported():
+    """IRQ_MODE COUNT on vCPU 1: LPIs from KVM_SIGNAL_MSI through the in-kernel ITS (set up by the
+    guest driver through the agent) are counted in guest RAM; an LPI past the counters, and every
+    LPI once back in REPORT mode, is reported."""
+    from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
+
+    m = boot(2)
+    try:
+        agent, ram = m.agent, m.ram
+        heap = GuestHeap(ram, m.memmap.ram.base + (32 << 20), m.memmap.ram.base + (48 << 20))
+        access = agent.client(0)
+        GuestGic(access, ram, heap, m.memmap.gicr_base, 2).enable_lpis(enabled=True)
+        its = GuestIts(access, ram, heap, m.memmap.its.base)
+        its.setup()
+        its.mapc(0, 1)                                  # collection 0 -> vCPU 1
+        its.mapd(7, 2)
+        its.mapti(7, 0, 8192, 0)
+        its.mapti(7, 1, 8192 + 4, 0)                    # just past the 4 counters below
+        table = heap.alloc(0x1000, 0x1000)
+        assert agent.irq_mode(1, IrqMode.COUNT, table, 4, timeout=TIMEOUT) == IrqMode.REPORT
+        agent.take_irqs()
+        for n in range(1, 11):                          # one at a time: pending LPIs would merge
+            assert m.signal_msi(7, 0) == 1
+            deadline = time.monotonic() + TIMEOUT
+            while ram.read_u32(table) != n:
+                assert time.monotonic() < deadline, f"LPI 8192 count stuck at {ram.read_u32(table)}, want {n}"
+                time.sleep(0.001)
+        assert ram.read(table + 4, 12) == bytes(12)     # LPIs 8193..8195: never sent
+        assert m.signal_msi(7, 1) == 1
+        assert [(c, i) for c, i, _ in agent.wait_irqs(1, TIMEOUT, intid=8196)] == [(1, 8196)]
+        assert agent.take_irqs() == []                  # the ten counted LPIs made no report
+
+        assert agent.irq_mode(1, IrqMode.REPORT, timeout=TIMEOUT) == IrqMode.COUNT
+        assert m.signal_msi(7, 0) == 1
+        assert [(c, i) for c, i, _ in agent.wait_irqs(1, TIMEOUT, intid=8192)] == [(1, 8192)]
+        assert ram.read_u32(table) == 10
+        assert agent.panics == []
+    finally:
+        m.close()
+
+
+def test_hello_prints_what_the_loader_handed_over_and_powers_off():
+    """guests/hello: the smallest raw image. Its console line shows EL1, the boot vCPU's MPIDR and
+    the device tree the loader put at x0; then PSCI SYSTEM_OFF ends the VM."""
+    reason = _arm64_kvm_missing()
+    if reason:
+        pytest.skip(reason)
+    import io
+
+    from kvmits.machine import Machine, MachineConfig
+
+    console = io.BytesIO()
+    with Machine(MachineConfig(cpus=2, mem_size=64 << 20), console=console) as m:
+        layout = m.load(guest_program("hello"))
+        ex = m.run(TIMEOUT)
+        assert (ex.reason, ex.status) == ("poweroff", 0)
+        assert console.getvalue().decode() == (
+            f"kvmits hello: running at EL1, MPIDR_EL1 {m.mpidrs[0]:#018x}, DTB at {layout.dtb_addr:#018x} "
+            "(FDT magic ok)\r\npowering off\r\n")
