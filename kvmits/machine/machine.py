@@ -119,9 +119,16 @@ class Machine:
         self.bus.add(mm.uart.base, mm.uart.size, self.uart, "pl011")
         if self.config.agent:
             from kvmits.machine.agent import AgentDevice   # written alongside: only needed when asked for
-            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick)
+            # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
+            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic)
             self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
         self.runner = VcpuRunner(self.vcpus, self.bus)
+        if self.agent is not None:
+            # host calls waiting for the guest fail at once when the VM ends, instead of timing out
+            self.runner.add_end_listener(lambda result, error: self.agent.stop(error or result.reason))
+
+    def _agent_panic(self, panic) -> None:
+        self.runner.fail(panic)
 
     def _uart_irq(self, level: int) -> None:
         self.vm.irq_line(self._uart_irq_line, level)

@@ -150,6 +150,8 @@ class VcpuRunner:
         self._result: MachineExit | None = None
         self._error: BaseException | None = None
         self._started = False
+        self._end_listeners: list[Callable] = []
+        self._ended_notified = False
         #: KVM_RUN calls that returned EINTR, per vCPU (kicks, pauses)
         self.interrupts = [0] * n
 
@@ -192,6 +194,34 @@ class VcpuRunner:
                 self._result = result or MachineExit("stopped", EXIT_STOPPED)
             self._stop_locked()
         self._kick_all()
+        self._notify_end()
+
+    def fail(self, error: BaseException) -> None:
+        """End the VM with `error` (re-raised by wait()) unless it already ended; e.g. a device
+        model that finds the guest dead. From any thread. Does not wait."""
+        with self._cond:
+            if self._result is None and self._error is None:
+                self._error = error
+            self._stop_locked()
+        self._kick_all()
+        self._notify_end()
+
+    def add_end_listener(self, fn: Callable[[MachineExit | None, BaseException | None], None]) -> None:
+        """Call fn(result, error) once when the VM ends (on the thread that ended it), e.g. to
+        fail host-side requests that wait for the guest."""
+        self._end_listeners.append(fn)
+
+    def _notify_end(self) -> None:
+        with self._cond:
+            if self._ended_notified:
+                return
+            self._ended_notified = True
+            result, error = self._result, self._error
+        for fn in self._end_listeners:
+            try:
+                fn(result, error)
+            except Exception:   # noqa: BLE001 - a listener's bug must not hide how the VM ended
+                log.exception("end-of-VM listener %r failed", fn)
 
     def _stop_locked(self) -> None:
         self._stopping = True
@@ -300,13 +330,9 @@ class VcpuRunner:
             self._loop(cpu)
         except BaseException as exc:    # noqa: BLE001 - any failure ends the VM and reaches wait()
             exc.add_note(f"(in the thread of vCPU {cpu})")
-            with self._cond:
-                if self._result is None and self._error is None:
-                    self._error = exc
-                else:
-                    log.warning("vCPU %d failed after the VM ended: %r", cpu, exc)
-                self._stop_locked()
-            self._kick_all()
+            if not self.running:
+                log.warning("vCPU %d failed after the VM ended: %r", cpu, exc)
+            self.fail(exc)
         finally:
             with self._cond:
                 self._states[cpu] = EXITED

@@ -290,3 +290,25 @@ def _catch(errors, fn, *args):
         fn(*args)
     except RuntimeError as exc:
         errors.append(exc)
+
+
+def test_fail_and_end_listeners(kicks):
+    ends = []
+    runner, _ = make(kicks, [[], []])
+    runner.add_end_listener(lambda result, error: ends.append((result, error)))
+    runner.start()
+    err = RuntimeError("guest agent panicked")
+    runner.fail(err)
+    with pytest.raises(RuntimeError, match="panicked"):
+        runner.wait(TIMEOUT)
+    runner.stop()                                   # later endings change nothing
+    assert ends == [(None, err)]
+
+
+def test_end_listener_sees_a_poweroff(kicks):
+    ends = []
+    runner, _ = make(kicks, [[event(uapi.KVM_SYSTEM_EVENT_SHUTDOWN)]])
+    runner.add_end_listener(lambda result, error: ends.append((result.reason, error)))
+    runner.start()
+    runner.wait(TIMEOUT)
+    assert ends == [("poweroff", None)]

@@ -1,0 +1,137 @@
+"""`kvmits run IMAGE`: boot a guest with its console on stdout; exit with the guest's status.
+
+Exit status: 0 the guest powered off (PSCI SYSTEM_OFF); 3 it asked for a reset (SYSTEM_RESET:
+the VM ends, it is not rebooted); 4 a crash or other system event; 1 the VMM failed (a vCPU
+thread's error, printed); 2 a bad command line or image; 124 --timeout expired; 130 Ctrl-C.
+Standard input is fed to the UART's receive side as it arrives (a terminal stays in its
+normal line mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import re
+import sys
+import threading
+
+log = logging.getLogger("kvmits.run")
+
+EXIT_VMM_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+DEFAULT_APPEND = "console=ttyAMA0 earlycon"
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '65536', '512KiB' -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M, 1G)")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
+    return n
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="boot an arm64 guest image, console on stdout",
+        description="Boot IMAGE (a raw arm64 program or a Linux Image) in an arm64 KVM VM with the in-kernel "
+                    "vGICv3 (and ITS). The PL011 console goes to stdout, stdin to the UART. Exit status: 0 guest "
+                    "powered off, 3 guest reset, 4 guest crash, 1 VMM error, 2 bad arguments, 124 timeout, "
+                    "130 interrupted.")
+    p.add_argument("image", help="guest image file")
+    p.add_argument("--cpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
+    p.add_argument("--mem", type=parse_size, default=128 << 20, metavar="SIZE",
+                   help="RAM size, a multiple of 2M (default 128M)")
+    p.add_argument("--append", default=DEFAULT_APPEND, metavar="ARGS",
+                   help=f"kernel command line, in the device tree's /chosen/bootargs (default {DEFAULT_APPEND!r})")
+    p.add_argument("--initrd", metavar="FILE", help="initrd / initramfs to load after the device tree")
+    p.add_argument("--its", choices=("kernel", "none"), default="kernel",
+                   help="the ITS: in-kernel (default) or none")
+    p.add_argument("--kind", choices=("auto", "raw", "linux"), default="auto",
+                   help="image kind; auto: a Linux Image if its header says so (gzip allowed), else raw")
+    p.add_argument("--agent", action="store_true", help="map the guest agent's mailbox at 0x0A000000")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop the guest after this long (exit status 124)")
+    p.set_defaults(func=run)
+
+
+def _feed_stdin(uart) -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        uart.feed(data)
+
+
+def run(args) -> int:
+    from kvmits.errors import KvmitsError
+    from kvmits.machine import Machine, MachineConfig, install_kick_handler
+    from kvmits.machine.loader import ImageError
+
+    install_kick_handler()
+    try:
+        config = MachineConfig(cpus=args.cpus, mem_size=args.mem, its=None if args.its == "none" else args.its,
+                               agent=args.agent)
+    except ValueError as exc:
+        print(f"kvmits run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    console = sys.stdout.buffer
+    try:
+        machine = Machine(config, console=console)
+    except KvmitsError as exc:
+        hint = "see `kvmits probe`"
+        if platform.machine() not in ("aarch64", "arm64"):
+            hint = (f"kvmits run needs arm64 KVM and this host is {platform.machine()}: "
+                    "try `tools/testbed run -- python3 -m kvmits run IMAGE`")
+        print(f"kvmits run: cannot create the VM: {exc} ({hint})", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        try:
+            machine.load(args.image, kind=args.kind, cmdline=args.append, initrd=args.initrd)
+        except (ImageError, OSError) as exc:
+            print(f"kvmits run: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if sys.stdin is not None and not sys.stdin.closed:
+            threading.Thread(target=_feed_stdin, args=(machine.uart,), name="stdin", daemon=True).start()
+        machine.start()
+        try:
+            result = machine.wait(args.timeout)
+        except TimeoutError:
+            machine.stop()
+            console.flush()
+            print(f"\nkvmits run: stopped the guest after {args.timeout} s", file=sys.stderr)
+            return EXIT_TIMEOUT
+        except KeyboardInterrupt:
+            machine.stop()
+            console.flush()
+            print("\nkvmits run: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:     # noqa: BLE001 - a vCPU thread's failure: report it, exit 1
+            console.flush()
+            log.debug("vCPU failure", exc_info=True)
+            notes = "".join(f" {n}" for n in getattr(exc, "__notes__", ()))
+            print(f"\nkvmits run: the VM failed: {type(exc).__name__}: {exc}{notes}", file=sys.stderr)
+            return EXIT_VMM_ERROR
+        console.flush()
+        if result.reason != "poweroff":
+            print(f"\nkvmits run: guest {result.reason} (vCPU {result.cpu}): exit status {result.status}",
+                  file=sys.stderr)
+        return result.status

@@ -1,0 +1,47 @@
+"""`kvmits run`: its command line, and what it says on a host that cannot run arm64 guests."""
+
+import argparse
+import platform
+
+import pytest
+
+from kvmits.cli import build_parser, main
+from kvmits.cli.run import parse_size
+
+
+@pytest.mark.parametrize("text, size", [("256M", 256 << 20), ("1G", 1 << 30), ("65536", 65536), ("512KiB", 512 << 10),
+                                        ("2m", 2 << 20), ("1T", 1 << 40)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "12X", "M", "-1M", "1.5G"])
+def test_bad_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
+
+
+def test_options():
+    args = build_parser().parse_args(["run", "guest.bin", "--cpus", "4", "--mem", "256M", "--append", "quiet",
+                                      "--initrd", "rd.cpio", "--its", "none", "--kind", "raw", "--timeout", "5"])
+    assert (args.image, args.cpus, args.mem, args.append, args.initrd, args.its, args.kind, args.timeout) == (
+        "guest.bin", 4, 256 << 20, "quiet", "rd.cpio", "none", "raw", 5.0)
+    defaults = build_parser().parse_args(["run", "g"])
+    assert (defaults.cpus, defaults.mem, defaults.its, defaults.kind, defaults.append) == (
+        1, 128 << 20, "kernel", "auto", "console=ttyAMA0 earlycon")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "g", "--its", "user"])
+
+
+def test_bad_config_is_a_usage_error(capsys):
+    assert main(["run", "g", "--mem", "3M"]) == 2
+    assert "multiple of 2 MiB" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.machine() in ("aarch64", "arm64"), reason="checks the message of a non-arm64 host")
+def test_non_arm64_host_says_where_to_run(capsys, tmp_path):
+    image = tmp_path / "g.bin"
+    image.write_bytes(b"\0" * 16)
+    assert main(["run", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot create the VM" in err and "tools/testbed run" in err
