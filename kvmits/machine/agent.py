@@ -95,6 +95,9 @@ class Op(IntEnum):
     PING = 9            # (value) -> value
 
 
+_ADDRESSED_OPS = frozenset((Op.READ, Op.WRITE, Op.TIMED_READ))
+
+
 class SysReg(IntEnum):
     """System registers SYSREG_READ / SYSREG_WRITE reach (mailbox.h says which way)."""
 
@@ -503,6 +506,9 @@ class AgentDevice:
             if not -(1 << 63) <= a <= _U64:
                 raise ValueError(f"argument {a:#x} does not fit in 64 bits")
             regs.append(a & _U64)
+        if op in _ADDRESSED_OPS and regs and MAILBOX_BASE <= regs[0] < MAILBOX_BASE + MAILBOX_SIZE:
+            # the agent would be reading its own requests (REQ takes the next one)
+            raise ValueError(f"{_describe(op, tuple(regs))}: the address is in the agent's own mailbox")
         slot = self._slot(cpu)
         req = Request(slot, int(op), tuple(regs))
         with slot.cond:

@@ -275,3 +275,23 @@ def test_hello_prints_what_the_loader_handed_over_and_powers_off():
         assert console.getvalue().decode() == (
             f"kvmits hello: running at EL1, MPIDR_EL1 {m.mpidrs[0]:#018x}, DTB at {layout.dtb_addr:#018x} "
             "(FDT magic ok)\r\npowering off\r\n")
+
+
+def test_more_than_16_vcpus_use_aff1():
+    """KVM's default MPIDR puts vCPU 16 at Aff1 = 1, Aff0 = 0: the agent's CPU index (and stack)
+    must follow, or vCPUs 0 and 16 would share one."""
+    m = boot(18)
+    try:
+        assert sorted(m.agent.online()) == list(range(18))
+        for cpu in (0, 15, 16, 17):
+            mpidr = m.agent.read_sysreg(cpu, SysReg.MPIDR_EL1, timeout=TIMEOUT)
+            assert mpidr == m.mpidrs[cpu] and mpidr & 0xFF_00FF_FFFF == kvm_default_mpidr(cpu)
+            typer = m.agent.read(cpu, m.memmap.gicr_base(cpu) + GICR_TYPER, 8, timeout=TIMEOUT)
+            assert (typer >> 8) & 0xFFFF == cpu and typer >> 32 == kvm_default_mpidr(cpu)
+        assert kvm_default_mpidr(16) == 0x100
+        # all at once: each vCPU serves from its own stack
+        reqs = [m.agent.post(cpu, Op.PING, 1000 + cpu) for cpu in range(18)]
+        assert [r.wait(TIMEOUT) for r in reqs] == [1000 + cpu for cpu in range(18)]
+        assert m.agent.panics == []
+    finally:
+        m.close()

@@ -258,6 +258,9 @@ def test_argument_checks_on_the_host(rig):
         rig.dev.read(0, 0x100, 3)
     with pytest.raises(ValueError, match="count"):
         rig.dev.timed_read(0, 0x100, 4, 0)
+    with pytest.raises(ValueError, match="own mailbox"):
+        rig.dev.timed_read(0, A.MAILBOX_BASE + A.MB_REQ, 8, 10)
+    assert rig.kicks == []                                # nothing was posted
 
 
 # -- timeouts --------------------------------------------------------------------------------------------
