@@ -71,7 +71,15 @@ def ensure_image(layout: Layout, refresh: bool = False, force: bool = False,
         return stamp
     why = ", ".join(stamp_changes(read_stamp(layout), stamp)) if not force else "--force"
     info(f"building the image ({why})")
-    apt.download([*guest, kernel])
+    try:
+        apt.download([*guest, kernel])
+    except TestbedError as exc:
+        if refresh:
+            raise
+        # The archive replaces a package version when it publishes an update; lists from
+        # earlier today may name one that is gone. Ask again once.
+        info(f"{exc}; updating the package lists and trying again")
+        return ensure_image(layout, refresh=True, force=force, source_root=source_root)
     build_image(layout, guest, kernel, wheels, compiler, python_version, stamp)
     apt.prune([*guest, kernel])
     info(f"image ready ({since(t0):.1f}s)")
