@@ -27,9 +27,9 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from enum import IntEnum
 from pathlib import Path
-from typing import Callable, Iterable
 
 from kvmits.errors import KvmitsError
 
@@ -258,7 +258,7 @@ class Request:
 
     __slots__ = ("cpu", "op", "args", "_regs", "_state", "_value", "_error", "_slot")
 
-    def __init__(self, slot: "_Cpu", op: int, args: tuple):
+    def __init__(self, slot: _Cpu, op: int, args: tuple):
         self.cpu = slot.index
         self.op = op
         self.args = args
@@ -478,7 +478,7 @@ class AgentDevice:
         if self.on_panic is not None:
             try:
                 self.on_panic(exc)
-            except Exception:               # noqa: BLE001 - the guest's panic must not kill the vCPU thread
+            except Exception:
                 log.exception("on_panic callback failed")
 
     def _bad(self, vcpu: int, offset: int, size: int, is_write: bool, value: int) -> None:
@@ -526,7 +526,7 @@ class AgentDevice:
         AgentPanic, AgentStopped otherwise)."""
         return self.post(cpu, op, *args).wait(timeout)
 
-    def client(self, cpu: int) -> "AgentClient":
+    def client(self, cpu: int) -> AgentClient:
         """Loads and stores performed by vCPU `cpu` (kvmits.machine.guest_driver.GuestAccess)."""
         return AgentClient(self, cpu)
 

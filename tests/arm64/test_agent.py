@@ -9,13 +9,13 @@ Runs natively on an arm64 KVM host, or on x86_64 in the testbed:
 from __future__ import annotations
 
 import os
-import time
 import platform
+import time
 
 import pytest
 
-from kvmits.gic.regs import (GICD_CTLR, GICD_TYPER, GICR_IGROUPR0, GICR_ISENABLER0, GICR_TYPER,
-                             ICC_IGRPEN1_EL1, ICC_PMR_EL1)
+from kvmits.gic.regs import (GICD_CTLR, GICD_TYPER, GICR_IGROUPR0, GICR_ISENABLER0, GICR_TYPER, ICC_IGRPEN1_EL1,
+                             ICC_PMR_EL1)
 from kvmits.machine.agent import (AgentRequestFailed, ErrorCode, IrqMode, Op, SysReg, guest_program,
                                   kvm_default_mpidr)
 
