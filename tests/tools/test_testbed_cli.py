@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,14 @@ def test_new_log_keeps_the_newest(fs):
     logs = sorted(layout.logs.glob("*.log"))
     assert len(logs) == cli.LOG_KEEP
     assert path in logs and layout.logs / "20260101-000000-1-run.log" not in logs
+
+
+def test_prune_runs_removes_only_old_scratch(fs):
+    layout = cli.Layout(Path("/cache/testbed"))
+    fs.create_file(layout.runs / "run-old" / "initrd")
+    fs.create_file(layout.runs / "run-live" / "initrd")
+    os.utime(layout.runs / "run-old", (1000, 1000))
+    os.utime(layout.runs / "run-live", (1000 + cli.RUN_DIR_MAX_AGE, 1000 + cli.RUN_DIR_MAX_AGE))
+    cli.prune_runs(layout, now=1000 + cli.RUN_DIR_MAX_AGE + 10)
+    assert [d.name for d in layout.runs.iterdir()] == ["run-live"]
+    cli.prune_runs(cli.Layout(Path("/nothing/here")), now=0)  # no runs/ yet: nothing to do

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -20,17 +21,19 @@ from pathlib import Path
 
 from . import build, job, qemu
 from .console import ConsoleFilter, new_token
-from .errors import EXIT_INTERRUPTED, EXIT_TESTBED, EXIT_TIMEOUT, TestbedError
+from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTBED, EXIT_TIMEOUT, TestbedError
 from .log import clock, info, since
 from .paths import SOURCE_ROOT, Layout, cache_root
 
 PROBE_COMMAND = ["sh", "tools/testbed_lib/guest/probe.sh"]
 LOG_KEEP = 20
+# A run's scratch directory older than this belongs to no live run (time limits are shorter).
+RUN_DIR_MAX_AGE = 2 * 24 * 3600
 
 EPILOG = """exit status: the command's own (0-255) when the guest reported it; otherwise
 124 when the time limit stopped qemu, 125 when the testbed itself failed (host setup,
 image build, make -C guests, qemu, or a guest that stopped without reporting), 2 for a bad
-command line, 130 on Ctrl-C. The testbed's messages go to stderr, prefixed 'testbed:';
+command line, 130 on Ctrl-C, 143 on SIGTERM. The testbed's messages go to stderr, prefixed 'testbed:';
 stdout is the guest's console.
 
 environment: KVMITS_CACHE (cache directory, default ${XDG_CACHE_HOME:-~/.cache}/kvmits;
@@ -151,6 +154,15 @@ def new_log(layout: Layout, subcommand: str) -> Path:
     return layout.logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{subcommand}.log"
 
 
+def prune_runs(layout: Layout, now: float, max_age: float = RUN_DIR_MAX_AGE) -> None:
+    """Removes scratch directories left by runs that were killed outright (SIGKILL)."""
+    if not layout.runs.is_dir():
+        return
+    for d in layout.runs.iterdir():
+        if now - d.stat().st_mtime > max_age:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     # A hard link keeps this run's kernel even if another process rebuilds the image.
     try:
@@ -185,6 +197,7 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
     files = job.select_files(SOURCE_ROOT)
     script = job.run_script(args.command, job.parse_env(getattr(args, "env", [])))
     token = new_token()
+    prune_runs(layout, time.time())
     layout.runs.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=layout.runs))
     try:
@@ -234,10 +247,20 @@ def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path) -> tuple[i
     return status, f"command exited with status {status} ({timing})"
 
 
+class Terminated(Exception):
+    """SIGTERM (a CI runner giving up on us): unwinds like Ctrl-C, so qemu is stopped and the
+    run's scratch directory removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     layout = Layout(cache_root())
     handler = {"build": cmd_build, "run": cmd_run, "probe": cmd_run, "clean": cmd_clean}[args.subcommand]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return handler(args, layout)
     except TestbedError as exc:
@@ -246,3 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         info("interrupted")
         return EXIT_INTERRUPTED
+    except Terminated:
+        info("terminated")
+        return EXIT_TERMINATED

@@ -11,6 +11,7 @@ EXIT_TIMEOUT = 124    # the time limit stopped qemu before the guest reported a 
 EXIT_TESTBED = 125    # the testbed itself failed: host setup, image build, guest make,
                       # qemu, or the guest stopped without reporting a status
 EXIT_INTERRUPTED = 130  # Ctrl-C on the host (128 + SIGINT)
+EXIT_TERMINATED = 143   # SIGTERM on the host (128 + SIGTERM)
 
 
 class TestbedError(Exception):

@@ -58,7 +58,7 @@ def pip_download_command(pip: list[str], requirements: list[str], dest: Path,
                          python_version: str) -> list[str]:
     """`pip download` restricted to pure-Python wheels (tag py3-none-any and the like) for
     the guest's Python version, whatever the host's interpreter and architecture."""
-    return [*pip, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+    return [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
             "--python-version", python_version, "--implementation", "py", "--abi", "none",
             "--platform", "any", "-d", str(dest), *requirements]
 

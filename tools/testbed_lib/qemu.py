@@ -7,8 +7,10 @@ accelerator an x86_64 host has for arm64.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ NVHE_APPEND = "kvm-arm.mode=nvhe"
 # After the guest has reported its status it powers off; if qemu is still there after
 # this long, it is stopped and the status stands.
 POWEROFF_GRACE = 30.0
+PR_SET_PDEATHSIG = 1  # prctl(2), include/uapi/linux/prctl.h
 # How much of the console an error message quotes.
 TAIL_LINES = 10
 TAIL_CHARS = 4000
@@ -85,7 +88,7 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO, l
     # stdin /dev/null: with -nographic, qemu would otherwise read the terminal (Ctrl-A x...)
     # and put it in raw mode.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     fd = proc.stdout.fileno()
@@ -123,6 +126,16 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO, l
         qemu_status = _stop(proc, eof)
     return BootResult(console.status, timed_out, qemu_status, booted_after,
                       time.monotonic() - t0, tail.splitlines()[-TAIL_LINES:], raw_log.panic)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a qemu whose testbed process was killed (even with SIGKILL,
+    where no clean-up runs) is killed too, instead of running on unwatched."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the time limit and our own clean-up still apply
 
 
 def _stop(proc: subprocess.Popen, eof: bool) -> int | None:
