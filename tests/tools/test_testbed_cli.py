@@ -119,3 +119,11 @@ def test_prune_runs_removes_only_old_scratch(fs):
     cli.prune_runs(layout, now=1000 + cli.RUN_DIR_MAX_AGE + 10)
     assert [d.name for d in layout.runs.iterdir()] == ["run-live"]
     cli.prune_runs(cli.Layout(Path("/nothing/here")), now=0)  # no runs/ yet: nothing to do
+
+
+def test_verdict_when_qemu_itself_failed():
+    code, msg = cli.verdict_of(result(qemu_status=1, booted_after=None,
+                                      tail=["qemu-system-aarch64: unable to find CPU model 'x'"]),
+                               60, Path("/x.log"))
+    assert code == 125 and msg.startswith("qemu failed with exit status 1")
+    assert "unable to find CPU model" in msg

@@ -72,3 +72,16 @@ def test_status_stands_when_the_guest_does_not_power_off(monkeypatch):
     res, _, _ = boot(f"w('{START} {TOKEN}\\n{EXIT} {TOKEN} 0\\n'); sys.stdout.flush(); time.sleep(60)")
     assert res.status == 0 and not res.timed_out and res.qemu_status is None
     assert res.seconds < 10
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_does_not_stop_the_run():
+    log = io.StringIO()
+    console = ConsoleFilter(TOKEN)
+    res = qemu.boot(fake_qemu(f"w('{START} {TOKEN}\\nlots\\n'); sys.stdout.flush(); time.sleep(0.1)\n"
+                              f"w('{EXIT} {TOKEN} 5\\n')"), qemu.BootConfig(timeout=20), console, ClosedPipe(), log)
+    assert res.status == 5 and "lots" in log.getvalue()

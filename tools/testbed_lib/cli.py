@@ -159,7 +159,11 @@ def prune_runs(layout: Layout, now: float, max_age: float = RUN_DIR_MAX_AGE) -> 
     if not layout.runs.is_dir():
         return
     for d in layout.runs.iterdir():
-        if now - d.stat().st_mtime > max_age:
+        try:
+            old = now - d.stat().st_mtime > max_age
+        except FileNotFoundError:  # another run just removed its own
+            continue
+        if old:
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -184,8 +188,12 @@ def cmd_clean(args: argparse.Namespace, layout: Layout) -> int:
     if layout.root.exists():
         with build.locked(layout):
             for child in layout.root.iterdir():
-                if child.name != "lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name == "lock":
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         info(f"removed {layout.root}")
     return 0
 
@@ -239,9 +247,13 @@ def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path) -> tuple[i
                               f"(exit {EXIT_TIMEOUT}). Console log: {log_path}")
     if result.status is None:
         last = "\n    ".join(result.tail)
+        if result.qemu_status not in (0, None) and result.booted_after is None:
+            what = f"qemu failed with exit status {result.qemu_status}"
+        else:
+            what = (f"the guest stopped without reporting an exit status (qemu exit "
+                    f"{result.qemu_status}; {timing})")
         panic = f" The guest kernel panicked: {result.panic}." if result.panic else ""
-        return EXIT_TESTBED, (f"the guest stopped without reporting an exit status (qemu exit "
-                              f"{result.qemu_status}; {timing}); exit {EXIT_TESTBED}.{panic} "
+        return EXIT_TESTBED, (f"{what}; exit {EXIT_TESTBED}.{panic} "
                               f"Last console lines:\n    {last}\nConsole log: {log_path}")
     status = min(result.status, 255)
     return status, f"command exited with status {status} ({timing})"

@@ -77,7 +77,8 @@ class BootResult:
     panic: str | None = None  # the guest kernel's panic message, if any
 
 
-def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO, log: TextIO) -> BootResult:
+def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | None,
+         log: TextIO) -> BootResult:
     """Runs qemu, streaming its console to out (and all of it to log) until it exits, the
     time limit passes, or the guest reported its status and did not power off."""
     t0 = time.monotonic()
@@ -109,18 +110,24 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO, l
                 eof = True
                 break
             shown = console.feed(data)
-            if shown:
-                out.write(shown)
-                out.flush()
+            if shown and out is not None:
+                try:
+                    out.write(shown)
+                    out.flush()
+                except BrokenPipeError:
+                    out = None  # e.g. `| head`: the run goes on, the log keeps everything
             text = raw_log.feed(data)
             log.write(text)
             tail = (tail + text)[-TAIL_CHARS:]
             if booted_after is None and console.started:
                 booted_after = time.monotonic() - t0
         for text, sink in ((console.finish(), out), (raw_log.finish(), log)):
-            if text:
-                sink.write(text)
-                sink.flush()
+            if text and sink is not None:
+                try:
+                    sink.write(text)
+                    sink.flush()
+                except BrokenPipeError:
+                    pass
     finally:
         sel.close()
         qemu_status = _stop(proc, eof)
