@@ -1,0 +1,226 @@
+"""LPI delivery for the userspace ITS: a hidden in-kernel ITS, programmed only by the VMM.
+
+The in-kernel vGICv3 takes LPIs only from an in-kernel ITS (KVM_SIGNAL_MSI and MSI routes whose
+doorbell is an in-kernel ITS's GITS_TRANSLATER). So `HiddenIts` is the LPI sink of the Python
+ITS model (kvmits.its.LpiSink): a second KVM_DEV_TYPE_ARM_VGIC_ITS at an address the guest is
+never told about, whose tables and command queue live in a VMM-owned memory slot, and which is
+programmed through KVM_SET_DEVICE_ATTR(KVM_DEV_ARM_VGIC_GRP_ITS_REGS): a write of GITS_CWRITER
+runs the queued commands before the ioctl returns.
+
+Its mapping, kept equal to what the guest's ITS translates to:
+- one *injector* device (DeviceID 0) whose EventID n is LPI 8192 + n;
+- one collection per vCPU: ICID n -> vCPU n (the model hands us targets, not the guest's ICIDs);
+- MAPTI when an LPI becomes mapped, MOVI when its target changes (pending state moves with it,
+  as KVM does for MOVI and for a MAPC re-target), DISCARD when nothing maps it any more;
+  INT/CLEAR/INV/INVALL/MOVALL mirrored as they come.
+
+Rules the kernel enforces (../shared/notes/lpi-delivery.md, Linux 6.1), and what we do:
+- every attribute access needs all vCPUs out of KVM_RUN (EBUSY otherwise): commands are queued
+  in `batch()` and run by one GITS_CWRITER write in `flush()`, which the caller makes while the
+  machine is paused. Outside a batch, `set_pending` (a translated MSI) goes straight to
+  KVM_SIGNAL_MSI, which needs no pause;
+- Enabled = 1 is ignored until GITS_BASER0/1 and GITS_CBASER are Valid; tables 64 KiB-aligned;
+- command errors are silent (GITS_CREADR always advances): the model has already checked what
+  the kernel checks (the LPI against GICR_PROPBASER.IDbits), so a mapping the model accepted is
+  one the hidden ITS accepts; a KVM_SIGNAL_MSI that still does not translate is counted (`dropped`).
+- the hidden frame is live for the guest unless covered: the machine maps a small read-write slot
+  over it, and keeps this module's memory in a read-only slot (guest writes exit to the VMM and
+  are dropped; KVM reads it as usual).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from kvmits.gic.regs import GITS_BASER, GITS_CBASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER
+from kvmits.its import commands as cmd
+
+log = logging.getLogger(__name__)
+
+LPI_BASE = 8192
+INJECTOR_DEVID = 0
+PAGE_64K = 0x10000
+EVENT_BITS = 16                    # LPIs 8192 .. 2**16 - 1 (GITS_TYPER.IDbits of KVM's ITS is 16)
+
+# The VMM-private memory: all 64 KiB-aligned (KVM decodes BASER addresses in the 64K format).
+DT_OFFSET = 0x00000                # device table: 1 page, flat (8192 DeviceIDs, we use one)
+CT_OFFSET = 0x10000                # collection table: 1 page
+CQ_OFFSET = 0x20000                # command queue: 64 KiB = 2048 commands
+CQ_SIZE = 0x10000
+ITT_OFFSET = 0x80000               # the injector's ITT: 2**16 events x 8 bytes = 512 KiB
+PRIVATE_SIZE = 0x100000
+
+BASER_VALID = 1 << 63
+BASER_PAGE_64K = 0b10 << 8
+GITS_CTLR_ENABLED = 1
+
+
+class HiddenItsError(RuntimeError):
+    """The hidden ITS did not do what the VMM asked (a kernel or kvmits bug, never the guest's)."""
+
+
+class HiddenIts:
+    """The delivery engine: an LPI sink driving a hidden in-kernel ITS.
+
+    kernel_its: a kvmits.gic.KernelIts, base set and CTRL_INIT done.
+    private: a GuestMemory of PRIVATE_SIZE bytes mapped into the VM (read-only for the guest).
+    """
+
+    def __init__(self, vm, kernel_its, private, nr_vcpus: int):
+        if private.size < PRIVATE_SIZE:
+            raise ValueError(f"the hidden ITS needs {PRIVATE_SIZE:#x} bytes of private memory")
+        self.vm = vm
+        self.kernel_its = kernel_its
+        self.private = private
+        self.nr_vcpus = nr_vcpus
+        self.doorbell = kernel_its.doorbell
+        self._cwriter = 0
+        self._queue: list[bytes] = []
+        self._batching = 0
+        self._target: dict[int, int] = {}       # LPI -> vCPU its hidden ITE points at
+        self._refs: dict[int, int] = {}         # LPI -> number of guest ITEs mapping it
+        self._orphans: set[int] = set()         # unmapped in this batch; DISCARD at flush unless re-mapped
+        self._stale: set[int] = set()           # moved by MOVALL: KVM's target differs from the ITE's
+        # statistics
+        self.kicks = 0
+        self.commands = 0
+        self.injected = 0
+        self.dropped = 0
+
+    # -- set-up (before any vCPU runs, or paused) --------------------------------------------------
+    def program(self) -> None:
+        """Tables, queue, enable; then the injector device and one collection per vCPU."""
+        p = self.private.gpa
+        self.private.fill(p, PRIVATE_SIZE, 0)
+        its = self.kernel_its
+        its.set_reg(GITS_BASER(0), p + DT_OFFSET | BASER_VALID | BASER_PAGE_64K)
+        its.set_reg(GITS_BASER(1), p + CT_OFFSET | BASER_VALID | BASER_PAGE_64K)
+        its.set_reg(GITS_CBASER, p + CQ_OFFSET | BASER_VALID | (CQ_SIZE // 0x1000 - 1))
+        its.set_reg(GITS_CWRITER, 0)
+        its.set_reg(GITS_CTLR, GITS_CTLR_ENABLED)
+        if not its.get_reg(GITS_CTLR) & GITS_CTLR_ENABLED:
+            raise HiddenItsError(f"the hidden ITS did not enable (GITS_BASER0={its.get_reg(GITS_BASER(0)):#x}, "
+                                 f"GITS_CBASER={its.get_reg(GITS_CBASER):#x})")
+        self._cwriter = its.get_reg(GITS_CWRITER)
+        with self.batch():
+            self._queue.append(cmd.encode_mapd(INJECTOR_DEVID, p + ITT_OFFSET, EVENT_BITS))
+            for cpu in range(self.nr_vcpus):
+                self._queue.append(cmd.encode_mapc(cpu, cpu))
+            self._queue.append(cmd.encode_sync(0))
+        self.flush()
+
+    # -- batching ------------------------------------------------------------------------------
+    @contextmanager
+    def batch(self):
+        """Queue sink calls instead of acting on them; flush() afterwards, with vCPUs paused."""
+        self._batching += 1
+        try:
+            yield self
+        finally:
+            self._batching -= 1
+
+    @property
+    def dirty(self) -> bool:
+        """Are there queued commands (or orphaned LPIs) waiting for flush()?"""
+        return bool(self._queue or self._orphans)
+
+    def flush(self) -> int:
+        """Run everything queued on the hidden ITS: one GITS_CWRITER write per queue-full.
+        All vCPUs must be out of KVM_RUN. Returns the number of commands run."""
+        for intid in sorted(self._orphans):
+            self._queue.append(cmd.encode_discard(INJECTOR_DEVID, intid - LPI_BASE))
+            self._target.pop(intid, None)
+            self._stale.discard(intid)
+        self._orphans.clear()
+        done = 0
+        slots = CQ_SIZE // 32 - 1                 # a full queue has CWRITER one slot behind CREADR
+        while self._queue:
+            chunk, self._queue = self._queue[:slots], self._queue[slots:]
+            base = self.private.gpa + CQ_OFFSET
+            for c in chunk:
+                self.private.write(base + self._cwriter, c)
+                self._cwriter = (self._cwriter + 32) % CQ_SIZE
+            self.kernel_its.set_reg(GITS_CWRITER, self._cwriter)
+            self.kicks += 1
+            creadr = self.kernel_its.get_reg(GITS_CREADR)
+            if creadr != self._cwriter:
+                raise HiddenItsError(f"hidden ITS: GITS_CREADR {creadr:#x} != GITS_CWRITER {self._cwriter:#x} "
+                                     "after the kick")
+            done += len(chunk)
+        self.commands += done
+        return done
+
+    def _emit(self, command: bytes) -> None:
+        self._queue.append(command)
+
+    # -- the LPI sink (kvmits.its.LpiSink) -------------------------------------------------------
+    def set_pending(self, intid: int, target: int) -> None:
+        if self._batching or self._queue or intid not in self._target:
+            # inside command processing: in order with the MAPTI/MOVI queued before it
+            self._align(intid, target)
+            self._emit(cmd.encode_int(INJECTOR_DEVID, intid - LPI_BASE))
+            return
+        if self._target[intid] != target:
+            log.warning("hidden ITS: LPI %d is on vCPU %d, the model says %d", intid, self._target[intid], target)
+        if self.vm.signal_msi(self.doorbell, intid - LPI_BASE, devid=INJECTOR_DEVID) == 1:
+            self.injected += 1
+        else:
+            self.dropped += 1
+
+    def clear_pending(self, intid: int, target: int) -> None:
+        if intid in self._target:
+            self._emit(cmd.encode_clear(INJECTOR_DEVID, intid - LPI_BASE))
+
+    def invalidate(self, intid: int, target: int) -> None:
+        if intid in self._target:
+            self._emit(cmd.encode_inv(INJECTOR_DEVID, intid - LPI_BASE))
+
+    def invalidate_all(self, target: int) -> None:
+        self._emit(cmd.encode_invall(target))
+
+    def move(self, intid: int, old_target: int, new_target: int) -> None:
+        self._align(intid, new_target)
+
+    def move_all(self, old_target: int, new_target: int) -> None:
+        self._emit(cmd.encode_movall(old_target, new_target))
+        # KVM retargets every LPI of the old vCPU (not only the pending ones) but leaves the ITEs'
+        # collections alone: where such an LPI goes no longer follows its ITE, so the next
+        # MOVI/re-map of it must be sent even if the ITE already names the requested vCPU.
+        self._stale.update(intid for intid, t in self._target.items() if t == old_target)
+
+    def mapped(self, intid: int, target: int) -> None:
+        self._refs[intid] = self._refs.get(intid, 0) + 1
+        self._orphans.discard(intid)
+        self._align(intid, target)
+
+    def unmapped(self, intid: int, target: int) -> None:
+        refs = self._refs.get(intid, 0) - 1
+        if refs > 0:
+            self._refs[intid] = refs
+            return
+        self._refs.pop(intid, None)
+        if intid in self._target:
+            # maybe re-mapped later in this batch (a MAPC re-target, MOVI): decide at flush
+            self._orphans.add(intid)
+
+    def _align(self, intid: int, target: int) -> None:
+        """Make the hidden ITE of `intid` exist and point at `target`."""
+        current = self._target.get(intid)
+        if current is None:
+            self._emit(cmd.encode_mapti(INJECTOR_DEVID, intid - LPI_BASE, intid, target))
+        elif current != target or intid in self._stale:
+            self._emit(cmd.encode_movi(INJECTOR_DEVID, intid - LPI_BASE, target))
+            self._stale.discard(intid)
+        else:
+            return
+        self._target[intid] = target
+
+    # -- for routes and inspection ------------------------------------------------------------------
+    def event_of(self, intid: int) -> int:
+        """The injector EventID that raises `intid`: the data of an MSI route to `doorbell`."""
+        return intid - LPI_BASE
+
+    def mapping(self) -> dict[int, int]:
+        """LPI -> vCPU as the hidden ITS has it (after flush())."""
+        return dict(self._target)
