@@ -73,13 +73,15 @@ class Harness:
 
     def __init__(self, config: ItsConfig | None = None, nr_vcpus: int = 4,
                  lpi_limit: int = 1 << 16, queue_pages: int = 1, enable: bool = True,
-                 dt_pages: int = 1, ct_pages: int = 1, ram: FakeRam | None = None):
+                 dt_pages: int = 1, ct_pages: int = 1, ram: FakeRam | None = None,
+                 queue_base: int = QUEUE):
         self.ram = ram or FakeRam()
         self.sink = RecordingSink()
         self.lpi_limit = lpi_limit
         self.its = ItsModel(self.ram, self.sink, Redistributors(nr_vcpus, lambda: self.lpi_limit),
                             config or ItsConfig())
         self.queue_pages = queue_pages
+        self.queue_base = queue_base
         self.records: list = []
         self.its.command_observers.append(self.records.append)
         if enable:
@@ -87,7 +89,7 @@ class Harness:
 
     def setup(self, *, dt_pages: int = 1, ct_pages: int = 1, indirect: bool = False) -> None:
         w = self.its.mmio_write
-        w(R.GITS_CBASER, 8, R.encode_cbaser(base=QUEUE, pages=self.queue_pages))
+        w(R.GITS_CBASER, 8, R.encode_cbaser(base=self.queue_base, pages=self.queue_pages))
         w(R.GITS_BASER0, 8, R.encode_baser(valid=True, type_=R.GITS_BASER_TYPE_DEVICE,
                                            base=DEVICE_TABLE, pages=dt_pages, indirect=indirect))
         w(R.GITS_BASER0 + 8, 8, R.encode_baser(valid=True, type_=R.GITS_BASER_TYPE_COLLECTION,
@@ -103,7 +105,7 @@ class Harness:
         """Write commands at GITS_CWRITER (wrapping) and advance GITS_CWRITER once."""
         cw = self.its.cwriter
         for cmd in commands:
-            self.ram.poke(QUEUE + cw, cmd)
+            self.ram.poke(self.queue_base + cw, cmd)
             cw = (cw + 32) % self.queue_size
         self.its.mmio_write(R.GITS_CWRITER, 8, cw)
 
