@@ -110,6 +110,17 @@ class HiddenIts:
             self._queue.append(cmd.encode_sync(0))
         self.flush()
 
+    def reset(self) -> None:
+        """Back to just after program(): KVM_DEV_ARM_ITS_CTRL_RESET (every mapping and pending
+        LPI of the hidden ITS gone), then program() again. vCPUs paused."""
+        self.kernel_its.ctrl_reset()
+        self._queue.clear()
+        self._target.clear()
+        self._refs.clear()
+        self._orphans.clear()
+        self._stale.clear()
+        self.program()
+
     # -- batching ------------------------------------------------------------------------------
     @contextmanager
     def batch(self):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import time
 from typing import BinaryIO
 
+from kvmits.gic.regs import GITS_BASER
+from kvmits.its import abi
 from kvmits.machine.agent import AgentDevice, AgentTimeout, guest_program
 from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.devicetree import MAX_DTB_SIZE
@@ -31,6 +33,7 @@ class ItsLab:
     def __init__(self, cpus: int = 4, its: str = "kernel", mem_size: int = DEFAULT_MEM,
                  console: BinaryIO | None = None, timeout: float = 60.0):
         self.cpus = cpus
+        self.mode = its
         self.machine = Machine(MachineConfig(cpus=cpus, mem_size=mem_size, its=its, agent=True), console=console)
         try:
             self.machine.load(guest_program("agent"))
@@ -53,9 +56,42 @@ class ItsLab:
         """LPIs on every redistributor (all LPIs enabled, or all disabled), the ITS tables and
         command queue, and one collection per vCPU: ICID n -> vCPU n."""
         self.gic.enable_lpis(enabled=lpis_enabled)
-        self.its.setup(two_level=two_level)
+        self._heap_mark = self.heap.next
+        self._two_level = two_level
+        self._setup_its()
+
+    def _setup_its(self) -> None:
+        self.its.setup(two_level=self._two_level)
         for cpu in range(self.cpus):
             self.its.mapc(cpu, cpu)
+
+    def reset_its(self) -> None:
+        """Reset the ITS (the kernel's: KVM_DEV_ARM_ITS_CTRL_RESET; the userspace one: the model
+        and its hidden ITS), free what the guest allocated for it, and set it up again."""
+        m = self.machine
+        if m.user_its is not None:
+            m.user_its.reset(m.paused)
+        else:
+            with m.paused():
+                m.its.ctrl_reset()
+        self.heap.next = self._heap_mark
+        self.its.devices.clear()
+        self.its.tables.clear()
+        self._setup_its()
+
+    def its_state(self) -> dict:
+        """The ITS's mapping state as a canonical dump (kvmits.its.abi.canonical_dump). The
+        kernel's ITS writes its tables into guest memory (KVM_DEV_ARM_ITS_SAVE_TABLES) and they
+        are decoded (ABI rev 0); the userspace model answers directly."""
+        m = self.machine
+        if m.user_its is not None:
+            with m.user_its.frame.lock:
+                return m.user_its.model.dump()
+        with m.paused():
+            m.its.save_tables()
+            baser0 = m.its.get_reg(GITS_BASER(0))
+            baser1 = m.its.get_reg(GITS_BASER(1))
+        return abi.read_tables(m.ram, baser0, baser1, nr_vcpus=self.cpus).dump
 
     # -- interrupts from the host ------------------------------------------------------------
     def msi(self, devid: int, eventid: int) -> int:

@@ -37,9 +37,10 @@ from kvmits.machine.runner import MachineExit, VcpuRunner
 
 log = logging.getLogger(__name__)
 
-#: the ITS kinds a machine can have ("user", a userspace ITS in front of a hidden in-kernel
-#: one, arrives with kvmits.its); None: no ITS, and the guest sees no LPIs at all
-ITS_KINDS = ("kernel",)
+#: the ITS kinds a machine can have: "kernel", the in-kernel ITS; "user", kvmits' Python model
+#: as the guest's ITS, delivering through a hidden in-kernel ITS (kvmits.machine.user_its);
+#: None: no ITS, and the guest sees no LPIs at all
+ITS_KINDS = ("kernel", "user")
 DEFAULT_MEM_SIZE = 128 << 20
 DEFAULT_NR_IRQS = 128
 
@@ -52,6 +53,10 @@ class MachineConfig:
     cpus: int = 1
     mem_size: int = DEFAULT_MEM_SIZE
     its: str | None = "kernel"
+    #: with its="user": the model's kvmits.its.ItsConfig (None: behave like the kernel's ITS),
+    #: and the DeviceID a CPU's write to GITS_TRANSLATER carries
+    its_config: object = None
+    translater_devid: int = 0
     nr_irqs: int = DEFAULT_NR_IRQS
     agent: bool = False
 
@@ -76,6 +81,7 @@ class Machine:
         self.ram: GuestMemory | None = None
         self.its: KernelIts | None = None
         self.msi_routes: MsiRoutes | None = None
+        self.user_its = None
         self.agent = None
         self.boot: BootLayout | None = None
         self.dtb: bytes | None = None
@@ -111,6 +117,11 @@ class Machine:
             self.its.set_base(mm.its.base)
             self.its.ctrl_init()
             self.msi_routes = MsiRoutes(self.vm, self.its.doorbell)
+        elif self.config.its == "user":
+            from kvmits.machine.user_its import UserIts
+
+            self.user_its = UserIts(self.config.its_config, self.config.translater_devid)
+            self.user_its.create(self.vm)       # the hidden ITS: initialised before the vGIC too
         self.gic.ctrl_init()
 
         self.bus = MmioBus()
@@ -123,6 +134,8 @@ class Machine:
             self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic)
             self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
         self.runner = VcpuRunner(self.vcpus, self.bus)
+        if self.user_its is not None:
+            self.user_its.attach(self)
         if self.agent is not None:
             # host calls waiting for the guest fail at once when the VM ends, instead of timing out
             self.runner.add_end_listener(lambda result, error: self.agent.stop(error or result.reason))
@@ -155,7 +168,7 @@ class Machine:
         if initrd_data is not None:
             self.ram.write(layout.initrd_addr, initrd_data)
             initrd_range = Initrd(layout.initrd_addr, layout.initrd_addr + len(initrd_data))
-        self.dtb = build_dtb(self.memmap, self.mpidrs, its=self.its is not None, bootargs=cmdline, initrd=initrd_range)
+        self.dtb = build_dtb(self.memmap, self.mpidrs, its=self.config.its is not None, bootargs=cmdline, initrd=initrd_range)
         self.ram.write(layout.dtb_addr, self.dtb)
         boot = self.vcpus[0]
         boot.set_one_reg(uapi.arm64_core_reg("pc"), placed.entry)
@@ -212,13 +225,19 @@ class Machine:
         """KVM_SIGNAL_MSI of EventID `eventid` from DeviceID `devid` to the in-kernel ITS's
         GITS_TRANSLATER: 1 if delivered, 0 if it does not translate; KvmError(EBUSY) while the
         guest has not enabled the ITS. No pause needed."""
+        if self.user_its is not None:
+            # translated in Python, injected through the hidden ITS (the slow path, every step
+            # visible to the model's observers)
+            return self.user_its.signal_msi(devid, eventid)
         if self.its is None:
-            raise RuntimeError("this machine has no in-kernel ITS (its=None)")
+            raise RuntimeError("this machine has no ITS (its=None)")
         return self.vm.signal_msi(self.its.doorbell, eventid, devid=devid)
 
     def set_msi_routes(self, table) -> dict:
         """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
         (see kvmits.machine.msi.MsiRoutes.set)."""
+        if self.user_its is not None:
+            return self.user_its.routes.set(table)
         if self.msi_routes is None:
             raise RuntimeError("this machine has no in-kernel ITS (its=None)")
         return self.msi_routes.set(table)
@@ -238,8 +257,12 @@ class Machine:
                 log.debug("closing after a failed VM: %r", exc)
         if self.msi_routes is not None and self.vm is not None:
             self.msi_routes.close()
+        if self.user_its is not None and self.vm is not None:
+            self.user_its.detach()
         if self.vm is not None:
             self.vm.close()
+        if self.user_its is not None:
+            self.user_its.close()
         if self.ram is not None:
             self.ram.close()
         if self._own_kvm:

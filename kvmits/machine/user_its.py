@@ -227,3 +227,88 @@ class UserMsiRoutes:
             self._thread.join(5)
         self._selector.close()
         self._wake.close()
+
+
+#: where the hidden in-kernel ITS lives: in the guest-physical hole between the agent mailbox
+#: and RAM, described to the guest by nothing (not in the device tree)
+HIDDEN_ITS_BASE = 0x0B00_0000
+#: the hidden ITS's tables and command queue: a read-only slot for the guest
+PRIVATE_BASE = 0x0C00_0000
+
+
+class UserIts:
+    """What `its="user"` adds to a machine: the model as the guest's ITS, the hidden ITS behind
+    it, the memory slots that keep the guest away from the hidden one, and MSI routes.
+
+    Two steps, because of the order KVM accepts: `create()` before the vGIC's CTRL_INIT (an ITS
+    must be initialised before the vGIC), `attach()` after it."""
+
+    def __init__(self, config=None, translater_devid: int = 0):
+        self.config = config
+        self.translater_devid = translater_devid
+        self.kernel_its = None
+        self.engine: HiddenIts | None = None
+        self.model = None
+        self.frame: UserItsFrame | None = None
+        self.routes: UserMsiRoutes | None = None
+        self._memory = []
+
+    def create(self, vm) -> None:
+        from kvmits.gic import KernelIts
+
+        self.kernel_its = KernelIts(vm)
+        self.kernel_its.set_base(HIDDEN_ITS_BASE)
+        self.kernel_its.ctrl_init()
+
+    def attach(self, machine) -> None:
+        from kvmits.its import ItsModel, Redistributors
+        from kvmits.kvm import GuestMemory
+        from kvmits.machine.hidden_its import PRIVATE_SIZE
+
+        vm = machine.vm
+        # The hidden ITS's frame is live for the guest unless a memory slot covers it (a guest
+        # write of GITS_CTLR = 0 there disabled it on the testbed): a small read-write slot does;
+        # KVM_SIGNAL_MSI and irqfds still reach the ITS through the kernel's I/O bus.
+        cover = GuestMemory(HIDDEN_ITS_BASE, self.kernel_its.size)
+        private = GuestMemory(PRIVATE_BASE, PRIVATE_SIZE)
+        self._memory = [cover, private]
+        vm.add_memory(cover)
+        # Read-only for the guest: its stores exit to the VMM and are dropped; KVM reads the
+        # queue and tables as usual (it never needs to write them: we never save this ITS).
+        vm.add_memory(private, readonly=True)
+        self.engine = HiddenIts(vm, self.kernel_its, private, machine.memmap.cpus)
+        self.engine.program()
+        self.lpi_limit = LpiLimit(machine.gic, machine.mpidrs[0])
+        self.model = ItsModel(machine.ram, self.engine, Redistributors(machine.memmap.cpus, self.lpi_limit),
+                              self.config)
+        self.frame = UserItsFrame(self.model, self.engine, machine.paused, self.lpi_limit,
+                                  self.translater_devid, on_translation_change=self._translation_changed)
+        self.routes = UserMsiRoutes(vm, self.frame)
+        machine.add_device(machine.memmap.its.base, machine.memmap.its.size, self.frame, "its (userspace)")
+
+    def _translation_changed(self) -> None:
+        if self.routes is not None:
+            self.routes.compile()
+
+    def signal_msi(self, devid: int, eventid: int) -> int:
+        return 1 if self.frame.signal_msi(devid, eventid) else 0
+
+    def reset(self, pause) -> None:
+        """The ITS's reset, both halves (KVM_DEV_ARM_ITS_CTRL_RESET's equivalent for the model)."""
+        with self.frame.lock, pause():
+            self.model.reset()
+            self.engine.reset()
+        self.routes.compile()
+
+    def detach(self) -> None:
+        """Before the VM closes: irqfds and the slow-path thread."""
+        if self.routes is not None:
+            self.routes.close()
+            self.routes = None
+
+    def close(self) -> None:
+        """After the VM closed: the memory behind its slots."""
+        self.detach()
+        for mem in self._memory:
+            mem.close()
+        self._memory = []

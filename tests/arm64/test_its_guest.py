@@ -1,4 +1,5 @@
-"""A guest ITS driver against the in-kernel ITS, end to end on real arm64 KVM.
+"""A guest ITS driver against both ITSes, end to end on real arm64 KVM: the kernel's, and
+kvmits' userspace model in front of a hidden in-kernel ITS; the same tests, the same guest.
 
 The guest (the agent, driven by kvmits.machine.guest_driver) sets up LPIs and the ITS, maps a
 device, one collection per vCPU and events to LPIs; the host injects MSIs by KVM_SIGNAL_MSI and
@@ -22,11 +23,11 @@ CPUS = 4
 LPI = 8192
 
 
-@pytest.fixture(scope="module")
-def lab(arm64_kvm):
+@pytest.fixture(scope="module", params=["kernel", "user"])
+def lab(arm64_kvm, request):
     from kvmits.machine.its_lab import ItsLab
 
-    with ItsLab(cpus=CPUS, its="kernel") as lab:
+    with ItsLab(cpus=CPUS, its=request.param) as lab:
         lab.setup()
         yield lab
 
