@@ -167,3 +167,39 @@ def test_clear_removes_the_pending_state(lab):
     lab.expect_none()                      # nothing was left pending
     lab.msi(devid, 0)
     lab.expect(cpu=3, intid=intid)
+
+
+def test_userspace_its_paths(lab):
+    """In --its user mode: commands stop the vCPUs once per GITS_CWRITER write and run on the
+    hidden ITS; signal_msi goes through the model; a translating irqfd never wakes Python, one
+    that does not translate is served (and dropped, counted) by the Python slow path."""
+    user = lab.machine.user_its
+    if user is None:
+        pytest.skip("kernel ITS: nothing of kvmits' in the delivery path")
+    devid, intid = 0x1A, LPI + 160
+    stops, kicks = user.frame.stops, user.engine.kicks
+    map_events(lab, devid, {0: (intid, 1)}, event_bits=1)
+    assert user.frame.stops - stops == 2        # MAPD, MAPTI: one stop per GITS_CWRITER write
+    assert user.engine.kicks - kicks == 1       # only MAPTI changed what the hidden ITS must do
+    assert user.engine.mapping()[intid] == 1
+
+    msis, injected = user.model.msis, user.engine.injected
+    assert lab.msi(devid, 0) == 1
+    lab.expect(cpu=1, intid=intid)
+    assert (user.model.msis - msis, user.engine.injected - injected) == (1, 1)
+
+    efds = lab.routes({(devid, 0): 20, (devid, 1): 21})         # event 1 has no ITE
+    assert user.routes.compiles >= 1
+    msis, slow = user.model.msis, user.routes.slow_path_msis
+    efds[(devid, 0)].write(1)
+    lab.expect(cpu=1, intid=intid)
+    assert user.model.msis == msis and user.routes.slow_path_msis == slow   # KVM alone delivered it
+    misses = sum(user.model.miss_counts)
+    efds[(devid, 1)].write(1)
+    lab.expect_none()
+    assert user.routes.slow_path_msis == slow + 1 and sum(user.model.miss_counts) == misses + 1
+
+    lab.its.mapti(devid, 1, intid + 1, 3)                        # now it translates: recompiled
+    efds[(devid, 1)].write(1)
+    lab.expect(cpu=3, intid=intid + 1)
+    assert user.routes.slow_path_msis == slow + 1
