@@ -46,6 +46,8 @@ def _positive_int(text: str) -> int:
 
 
 def register(subparsers) -> None:
+    from kvmits.machine import ITS_KINDS
+
     p = subparsers.add_parser(
         "run", help="boot an arm64 guest image, console on stdout",
         description="Boot IMAGE (a raw arm64 program or a Linux Image) in an arm64 KVM VM with the in-kernel "
@@ -59,8 +61,8 @@ def register(subparsers) -> None:
     p.add_argument("--append", default=DEFAULT_APPEND, metavar="ARGS",
                    help=f"kernel command line, in the device tree's /chosen/bootargs (default {DEFAULT_APPEND!r})")
     p.add_argument("--initrd", metavar="FILE", help="initrd / initramfs to load after the device tree")
-    p.add_argument("--its", choices=("kernel", "none"), default="kernel",
-                   help="the ITS: in-kernel (default) or none")
+    p.add_argument("--its", choices=(*ITS_KINDS, "none"), default="kernel",
+                   help="the ITS: in-kernel (default), another kind kvmits.machine offers, or none")
     p.add_argument("--kind", choices=("auto", "raw", "linux"), default="auto",
                    help="image kind; auto: a Linux Image if its header says so (gzip allowed), else raw")
     p.add_argument("--agent", action="store_true", help="map the guest agent's mailbox at 0x0A000000")
@@ -124,7 +126,7 @@ def run(args) -> int:
             console.flush()
             print("\nkvmits run: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except Exception as exc:     # noqa: BLE001 - a vCPU thread's failure: report it, exit 1
+        except Exception as exc:     # a vCPU thread's failure: report it, exit 1
             console.flush()
             log.debug("vCPU failure", exc_info=True)
             notes = "".join(f" {n}" for n in getattr(exc, "__notes__", ()))

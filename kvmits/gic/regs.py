@@ -58,7 +58,7 @@ GITS_TRANSLATER = 0x10040
 GITS_FRAME_SIZE = 0x20000
 
 
-def GITS_BASER(n: int) -> int:   # noqa: N802 - named like the register
+def GITS_BASER(n: int) -> int:   # named like the register
     """Offset of GITS_BASER<n> (n = 0..7)."""
     if not 0 <= n < 8:
         raise ValueError(f"GITS_BASER{n}: n must be 0..7")

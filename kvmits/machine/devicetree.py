@@ -12,7 +12,8 @@ architected timer, the PL011 with the APB clock its driver asks for, and /chosen
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import fdt
 

@@ -25,8 +25,7 @@ from typing import BinaryIO
 from kvmits import uapi
 from kvmits.gic import KernelIts, VGicV3
 from kvmits.gic.regs import MPIDR_EL1, arm64_sysreg_id
-from kvmits.kvm import Kvm, arm_irq
-from kvmits.kvm import GuestMemory
+from kvmits.kvm import GuestMemory, Kvm, arm_irq
 from kvmits.machine.bus import MmioBus, MmioDevice
 from kvmits.machine.devicetree import Initrd, build_dtb
 from kvmits.machine.loader import BootLayout, place_image, plan_layout
@@ -129,7 +128,7 @@ class Machine:
         self._uart_irq_line = arm_irq(uapi.KVM_ARM_IRQ_TYPE_SPI, 32 + UART_SPI)
         self.bus.add(mm.uart.base, mm.uart.size, self.uart, "pl011")
         if self.config.agent:
-            from kvmits.machine.agent import AgentDevice   # written alongside: only needed when asked for
+            from kvmits.machine.agent import AgentDevice   # imported only when asked for
             # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
             self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic)
             self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")

@@ -9,7 +9,7 @@ the MSI through the ITS and raise the LPI, without waking Python. No vCPU pause 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from kvmits.kvm import EventFd, MsiRoute
 

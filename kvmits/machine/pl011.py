@@ -14,7 +14,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ UARTRIS = 0x03C
 UARTMIS = 0x040
 UARTICR = 0x044
 UARTDMACR = 0x048
-UARTPeriphID0 = 0xFE0    # noqa: N816 - the TRM's names
-UARTPCellID0 = 0xFF0     # noqa: N816
+UARTPeriphID0 = 0xFE0    # the TRM's names
+UARTPCellID0 = 0xFF0
 
 # UARTFR bits
 FR_BUSY = 1 << 3

@@ -54,7 +54,8 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from kvmits import uapi
 from kvmits.errors import KvmitsError
@@ -328,7 +329,7 @@ class VcpuRunner:
     def _thread_main(self, cpu: int) -> None:
         try:
             self._loop(cpu)
-        except BaseException as exc:    # noqa: BLE001 - any failure ends the VM and reaches wait()
+        except BaseException as exc:    # any failure ends the VM and reaches wait()
             exc.add_note(f"(in the thread of vCPU {cpu})")
             if not self.running:
                 log.warning("vCPU %d failed after the VM ended: %r", cpu, exc)

@@ -252,7 +252,7 @@ def test_kvmits_run(tmp_path):
     image.write_bytes(IMAGE)                                   # x19 = x24 = 0: print, SYSTEM_OFF
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "kvmits", "run", str(image), "--cpus", "2", "--mem", "16M",
-                          "--its", "none"], stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2,
+                          "--its", "none"], stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT * 2, check=False,
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == P_MSG + b"0"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmits import uapi
-from kvmits.gic import KernelIts, VGicV3
-from kvmits.gic import regs
+from kvmits.gic import KernelIts, VGicV3, regs
 
 
 class RecordingDevice:
@@ -116,7 +115,7 @@ def test_its_calls_and_doorbell():
     dev = vm.devices[0]
     assert dev.type == uapi.KVM_DEV_TYPE_ARM_VGIC_ITS
     with pytest.raises(RuntimeError):
-        its.doorbell
+        _ = its.doorbell
     with pytest.raises(ValueError):
         its.set_base(0x08081000)
     its.set_base(0x08080000)

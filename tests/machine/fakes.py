@@ -1,16 +1,13 @@
 """Fake vCPUs for the thread/pause logic of kvmits.machine.runner, without KVM.
 
 A FakeVcpu plays a script of exits, then idles like a vCPU in WFI until it is kicked (the
-runner's signal, redirected by the `kicks` fixture) or entered with immediate_exit set.
+runner's signal, redirected by the `kicks` fixture of conftest.py) or entered with immediate_exit set.
 """
 
 from __future__ import annotations
 
 import itertools
-import signal
 import threading
-
-import pytest
 
 from kvmits.kvm import MmioExit, Vcpu
 
@@ -63,20 +60,3 @@ class FakeVcpu:
 
     def complete_mmio_read(self, value):
         self.completed_reads.append(value)
-
-
-@pytest.fixture
-def kicks(monkeypatch):
-    """Redirect the runner's pthread_kill to the FakeVcpu of the thread it targets."""
-    runners = []
-
-    def fake_kill(ident, signum):
-        for runner in runners:
-            for i, t in enumerate(runner._threads):
-                if t is not None and t.ident == ident:
-                    runner.vcpus[i].kicked.set()
-                    return
-        raise ProcessLookupError(ident)
-
-    monkeypatch.setattr(signal, "pthread_kill", fake_kill)
-    return runners

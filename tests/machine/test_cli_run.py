@@ -30,7 +30,7 @@ def test_options():
     assert (defaults.cpus, defaults.mem, defaults.its, defaults.kind, defaults.append) == (
         1, 128 << 20, "kernel", "auto", "console=ttyAMA0 earlycon")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "g", "--its", "user"])
+        build_parser().parse_args(["run", "g", "--its", "hidden"])
 
 
 def test_bad_config_is_a_usage_error(capsys):

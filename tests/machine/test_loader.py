@@ -5,8 +5,14 @@ import struct
 
 import pytest
 
-from kvmits.machine.loader import (DTB_ALIGN, ImageError, detect_kind, parse_linux_header, place_image,
-                                   plan_layout)
+from kvmits.machine.loader import (
+    DTB_ALIGN,
+    ImageError,
+    detect_kind,
+    parse_linux_header,
+    place_image,
+    plan_layout,
+)
 from kvmits.machine.memmap import Region
 
 RAM = Region("ram", 0x40000000, 64 << 20)

@@ -10,9 +10,17 @@ import pytest
 from kvmits import uapi
 from kvmits.kvm import FailEntryExit, InternalErrorExit, OtherExit, SystemEventExit
 from kvmits.machine.bus import MmioBus
-from kvmits.machine.runner import (EXIT_CRASH, EXIT_POWEROFF, EXIT_RESET, EXIT_STOPPED, MachineExit, VcpuExitError,
-                                   VcpuRunner, install_kick_handler)
-from tests.machine.fakes import FakeVcpu, kicks, mmio, mmio_forever  # noqa: F401 - kicks is a fixture
+from kvmits.machine.runner import (
+    EXIT_CRASH,
+    EXIT_POWEROFF,
+    EXIT_RESET,
+    EXIT_STOPPED,
+    MachineExit,
+    VcpuExitError,
+    VcpuRunner,
+    install_kick_handler,
+)
+from tests.machine.fakes import FakeVcpu, mmio, mmio_forever
 
 DEV = 0x0A000000
 TIMEOUT = 10

@@ -74,7 +74,7 @@ def make(vcpus, device, **kw):
 
 
 def test_pause_resume_with_real_kvm_run(loop_vm):
-    vm, vcpus = loop_vm
+    _vm, vcpus = loop_vm
     dev = Counter()
     runner = make(vcpus, dev)
     runner.start()
@@ -88,7 +88,7 @@ def test_pause_resume_with_real_kvm_run(loop_vm):
             assert dev.reads == before
             assert runner.states() == ["PARKED", "PARKED"]
             runner.resume_all()
-            wait_for(lambda: dev.reads > before + 100)
+            wait_for(lambda before=before: dev.reads > before + 100)
         assert min(runner.interrupts) > 0             # KVM_RUN really returned EINTR
     finally:
         runner.stop()
@@ -106,7 +106,7 @@ def test_kick_interrupts_kvm_run(x86_kvm):
             for n in range(1, 6):
                 time.sleep(0.01)                  # let it get back into KVM_RUN
                 runner.kick(0)
-                wait_for(lambda: runner.interrupts[0] >= n)
+                wait_for(lambda n=n: runner.interrupts[0] >= n)
             assert runner.interrupts[0] == 5
             assert runner.running
         finally:
@@ -117,7 +117,7 @@ def test_kick_interrupts_kvm_run(x86_kvm):
 
 def test_pause_from_the_exit_path(loop_vm):
     """vCPU 0's device model pauses the VM on every 200th write; vCPU 1 keeps exiting too."""
-    vm, vcpus = loop_vm
+    _vm, vcpus = loop_vm
     runner = None
     pauses = []
 
