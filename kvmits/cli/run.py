@@ -72,15 +72,17 @@ def register(subparsers) -> None:
 
 
 def _feed_stdin(uart) -> None:
+    from kvmits.errors import KvmitsError
+
     fd = sys.stdin.fileno()
     while True:
         try:
             data = os.read(fd, 4096)
-        except OSError:
+            if not data:
+                return
+            uart.feed(data)
+        except (OSError, KvmitsError):      # stdin closed, or the VM is gone (its IRQ line with it)
             return
-        if not data:
-            return
-        uart.feed(data)
 
 
 def run(args) -> int:

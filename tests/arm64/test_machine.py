@@ -117,7 +117,8 @@ def machine():
 
     def make(**config):
         console = io.BytesIO()
-        m = Machine(MachineConfig(mem_size=16 << 20, **config), console=console)
+        config.setdefault("mem_size", 16 << 20)
+        m = Machine(MachineConfig(**config), console=console)
         m.console = console
         made.append(m)
         return m
@@ -256,3 +257,32 @@ def test_kvmits_run(tmp_path):
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == P_MSG + b"0"
+
+
+def _linux_image() -> Path | None:
+    """An arm64 Linux Image to boot: $KVMITS_LINUX_IMAGE, else this host's own kernel if readable."""
+    env = os.environ.get("KVMITS_LINUX_IMAGE")
+    if env:
+        return Path(env)
+    own = Path("/boot") / f"vmlinuz-{platform.release()}"
+    return own if os.access(own, os.R_OK) else None
+
+
+def test_linux_boots_to_the_root_mount(machine):
+    """A real kernel with the generated device tree: earlycon, PSCI, the GICv3 and its ITS, the
+    second CPU through PSCI CPU_ON, the PL011 as console; with no root it panics, and panic=-1
+    reboots through PSCI SYSTEM_RESET."""
+    image = _linux_image()
+    if image is None:
+        pytest.skip("no arm64 Linux Image: set KVMITS_LINUX_IMAGE (Debian's vmlinuz works, gzip and all)")
+    m = machine(cpus=2, its="kernel", mem_size=256 << 20)
+    layout = m.load(image, cmdline="console=ttyAMA0 earlycon panic=-1")
+    assert layout.image.kind == "linux"
+    result = m.run(TIMEOUT * 5)
+    out = m.console.getvalue().decode(errors="replace")
+    assert (result.reason, result.status) == ("reset", 3), out[-2000:]
+    for line in ("Machine model: kvmits virt", "earlycon: pl11 at MMIO 0x0000000009000000", "psci: PSCIv",
+                 "GICv3: CPU1: found redistributor 1 region 0:0x00000000080c0000",
+                 "ITS [mem 0x08080000-0x0809ffff]", "smp: Brought up 1 node, 2 CPUs",
+                 "ttyAMA0 at MMIO 0x9000000", "Unable to mount root fs"):
+        assert line in out, f"{line!r} not in the console output:\n{out[-3000:]}"
