@@ -272,6 +272,7 @@ class UserIts:
         cover = GuestMemory(HIDDEN_ITS_BASE, self.kernel_its.size)
         private = GuestMemory(PRIVATE_BASE, PRIVATE_SIZE)
         self._memory = [cover, private]
+        self.cover, self.private = cover, private
         vm.add_memory(cover)
         # Read-only for the guest: its stores exit to the VMM and are dropped; KVM reads the
         # queue and tables as usual (it never needs to write them: we never save this ITS).

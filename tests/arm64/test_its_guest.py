@@ -203,3 +203,37 @@ def test_userspace_its_paths(lab):
     efds[(devid, 1)].write(1)
     lab.expect(cpu=3, intid=intid + 1)
     assert user.routes.slow_path_msis == slow + 1
+
+
+def test_guest_cannot_reach_the_hidden_its(lab):
+    """The hidden ITS and its memory are the VMM's: a guest writing over the hidden ITS's frame
+    (covered by a RAM slot) and over its private memory (a read-only slot) changes nothing the
+    VMM relies on."""
+    user = lab.machine.user_its
+    if user is None:
+        pytest.skip("kernel ITS: there is no hidden ITS")
+    from kvmits.gic.regs import GITS_CBASER, GITS_CTLR, GITS_CWRITER, GITS_TRANSLATER
+    from kvmits.machine.hidden_its import CQ_OFFSET, ITT_OFFSET
+    from kvmits.machine.user_its import HIDDEN_ITS_BASE, PRIVATE_BASE
+
+    devid, intid = 0x1B, LPI + 176
+    map_events(lab, devid, {0: (intid, 2)})
+    private_before = user.private.read(user.private.gpa, user.private.size)
+    a = lab.agent
+    # What disabled the uncovered hidden ITS on the testbed: GITS_CTLR = 0, from the guest.
+    a.write(0, HIDDEN_ITS_BASE + GITS_CTLR, 4, 0)
+    a.write(0, HIDDEN_ITS_BASE + GITS_CBASER, 8, 0)
+    a.write(0, HIDDEN_ITS_BASE + GITS_CWRITER, 8, 0x7FE0)
+    a.write(0, HIDDEN_ITS_BASE + GITS_TRANSLATER, 4, intid - LPI)
+    assert a.read(0, HIDDEN_ITS_BASE + GITS_CWRITER, 8) == 0x7FE0     # plain RAM answers
+    for off in (0, 0x10000, CQ_OFFSET, CQ_OFFSET + 0x20, ITT_OFFSET, ITT_OFFSET + 8 * (intid - LPI)):
+        a.write(0, PRIVATE_BASE + off, 8, 0xDEAD_BEEF_DEAD_BEEF)
+    assert user.private.read(user.private.gpa, user.private.size) == private_before
+    lab.expect_none()                                    # the TRANSLATER write went nowhere
+    with lab.machine.paused():
+        assert user.kernel_its.get_reg(GITS_CTLR) & 1      # still enabled
+    assert lab.msi(devid, 0) == 1
+    lab.expect(cpu=2, intid=intid)
+    lab.its.movi(devid, 0, 0)                            # commands still reach it
+    assert lab.msi(devid, 0) == 1
+    lab.expect(cpu=0, intid=intid)
