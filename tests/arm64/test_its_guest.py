@@ -237,3 +237,22 @@ def test_guest_cannot_reach_the_hidden_its(lab):
     lab.its.movi(devid, 0, 0)                            # commands still reach it
     assert lab.msi(devid, 0) == 1
     lab.expect(cpu=0, intid=intid)
+
+
+def test_experimental_lpi_injection_by_number(lab):
+    """KVM_IRQ_LINE with an LPI number (undocumented): accepted once an in-kernel ITS maps the
+    LPI (the kernel's, or the hidden one behind the userspace ITS), refused before and after."""
+    devid, intid = 0x1C, LPI + 192
+    assert not lab.machine.lpi_injection_works(intid)      # nothing maps it yet: EINVAL
+    map_events(lab, devid, {0: (intid, 3)})
+    assert lab.machine.lpi_injection_works(intid)
+    lab.expect_none()                                      # the probe itself injects nothing
+    lab.machine.inject_lpi(intid)
+    lab.expect(cpu=3, intid=intid)
+    lab.its.movi(devid, 0, 1)                              # it follows MOVI
+    lab.machine.inject_lpi(intid)
+    lab.expect(cpu=1, intid=intid)
+    lab.its.discard(devid, 0)
+    assert not lab.machine.lpi_injection_works(intid)
+    with pytest.raises(ValueError):
+        lab.machine.inject_lpi(8191)
