@@ -279,6 +279,13 @@ struct kvm_run {
 #define KVM_REG_ARM64 0x6000000000000000
 #define KVM_REG_SIZE_U64 0x0030000000000000
 #define KVM_REG_ARM_CORE 0x00100000
+/* ... and of the system registers: KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG |
+ * op0 << 14 | op1 << 11 | CRn << 7 | CRm << 3 | op2 */
+#define KVM_REG_ARM64_SYSREG 0x00130000
+#define KVM_REG_ARM64_SYSREG_OP0_SHIFT 14
+#define KVM_REG_ARM64_SYSREG_OP1_SHIFT 11
+#define KVM_REG_ARM64_SYSREG_CRN_SHIFT 7
+#define KVM_REG_ARM64_SYSREG_CRM_SHIFT 3
 
 struct kvm_vcpu_init {
     uint32_t target;

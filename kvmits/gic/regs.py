@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from kvmits import uapi
+
 # -- Distributor (GICD_*, IHI 0069 12.9), offsets from the Distributor base ---------------------
 GICD_CTLR = 0x0000
 GICD_TYPER = 0x0004
@@ -122,13 +124,6 @@ MPIDR_EL1 = SysReg("MPIDR_EL1", 3, 0, 0, 0, 5)
 #: the affinity fields of MPIDR_EL1: Aff3 [39:32], Aff2 [23:16], Aff1 [15:8], Aff0 [7:0]
 MPIDR_AFFINITY_MASK = 0xFF_00FF_FFFF
 
-# KVM_REG_ARM64_SYSREG (arch/arm64/include/uapi/asm/kvm.h): coprocessor field 0x0013 at bit 16.
-# kvmits.uapi does not declare it (yet); the value is part of the stable arm64 KVM ABI.
-_KVM_REG_ARM64 = 0x6000000000000000
-_KVM_REG_SIZE_U64 = 0x0030000000000000
-_KVM_REG_ARM64_SYSREG = 0x0013 << 16
-
-
 def arm64_sysreg_id(reg: SysReg) -> int:
     """The KVM_GET/SET_ONE_REG id of a 64-bit AArch64 system register (api.rst, arm64 registers)."""
-    return _KVM_REG_ARM64 | _KVM_REG_SIZE_U64 | _KVM_REG_ARM64_SYSREG | reg.encoding
+    return uapi.KVM_REG_ARM64 | uapi.KVM_REG_SIZE_U64 | uapi.KVM_REG_ARM64_SYSREG | reg.encoding
