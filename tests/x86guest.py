@@ -33,7 +33,12 @@ def boot(vm, program: bytes):
     ram = GuestMemory(RAM_GPA, RAM_SIZE)
     ram.write(CODE, program)
     vm.add_memory(ram)
-    vcpu = vm.create_vcpu(0)
+    return real_mode_vcpu(vm, 0), ram
+
+
+def real_mode_vcpu(vm, index: int):
+    """vCPU `index` in real mode, flat segments, at 0000:CODE."""
+    vcpu = vm.create_vcpu(index)
     sregs = vcpu.get_sregs()
     for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
         seg.base = 0
@@ -43,4 +48,4 @@ def boot(vm, program: bytes):
     regs.rip = CODE
     regs.rflags = 0x2       # bit 1 is reserved-one
     vcpu.set_regs(regs)
-    return vcpu, ram
+    return vcpu

@@ -23,7 +23,7 @@ import selectors
 import threading
 from typing import Callable, Mapping
 
-from kvmits.gic.regs import GICR_PROPBASER, GITS_CTLR, GITS_CWRITER, GITS_TRANSLATER
+from kvmits.gic.regs import GICR_PROPBASER, GITS_CTLR, GITS_CWRITER
 from kvmits.kvm import EventFd, MsiRoute
 from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, HiddenIts
 

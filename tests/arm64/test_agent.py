@@ -8,11 +8,11 @@ Runs natively on an arm64 KVM host, or on x86_64 in the testbed:
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import pytest
+
+from tests.conftest import arm64_kvm_unavailable_reason
 
 from kvmits.gic.regs import (GICD_CTLR, GICD_TYPER, GICR_IGROUPR0, GICR_ISENABLER0, GICR_TYPER, ICC_IGRPEN1_EL1,
                              ICC_PMR_EL1)
@@ -33,12 +33,7 @@ SGI = 3
 
 
 def _arm64_kvm_missing() -> str | None:
-    if platform.machine() not in ("aarch64", "arm64"):
-        return (f"needs arm64 KVM, this host is {platform.machine()}: run "
-                "`tools/testbed run -- python3 -m pytest tests/arm64/test_agent.py`")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "needs arm64 KVM: /dev/kvm is missing or not readable and writable"
-    return None
+    return arm64_kvm_unavailable_reason()
 
 
 def boot(cpus: int, its: str | None = "kernel"):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import arm64_kvm_unavailable_reason
+
 from kvmits import uapi
 from kvmits.errors import KvmError
 from kvmits.gic.regs import GICR_TYPER, GITS_CTLR, GITS_IIDR, GITS_TYPER
@@ -97,12 +99,7 @@ def start(m, *, end_with=0, secondaries=0):
 
 
 def _arm64_kvm_missing() -> str | None:
-    if platform.machine() not in ("aarch64", "arm64"):
-        return (f"needs arm64 KVM, this host is {platform.machine()}: run "
-                "`tools/testbed run -- python3 -m pytest tests/arm64/test_machine.py`")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "needs arm64 KVM: /dev/kvm is missing or not readable and writable"
-    return None
+    return arm64_kvm_unavailable_reason()
 
 
 @pytest.fixture

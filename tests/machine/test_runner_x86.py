@@ -36,17 +36,7 @@ class Counter:
 
 
 def second_vcpu(vm, index):
-    vcpu = vm.create_vcpu(index)
-    sregs = vcpu.get_sregs()
-    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-        seg.base = 0
-        seg.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip = x86guest.CODE
-    regs.rflags = 0x2
-    vcpu.set_regs(regs)
-    return vcpu
+    return x86guest.real_mode_vcpu(vm, index)
 
 
 def wait_for(pred, timeout=TIMEOUT):
