@@ -1,7 +1,8 @@
 """Property-based tests: hostile register writes, command streams and tables.
 
 Settings come from a hypothesis profile, chosen by KVMITS_ITS_PROFILE ("its-ci": a few
-seconds, the default; "its-thorough": many more examples). Profiles are applied per test,
+seconds, the default, derandomized so CI is reproducible; "its-thorough": many more random
+examples, for hunting). Profiles are applied per test,
 so other test suites' hypothesis settings are untouched.
 """
 
@@ -18,8 +19,8 @@ from kvmits.its import commands as C
 from kvmits.its import registers as R
 from tests.its.ramfake import COLLECTION_TABLE, DEVICE_TABLE, RAM_BASE, RAM_SIZE, Harness, itt
 
-settings.register_profile("its-ci", max_examples=100, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("its-ci", max_examples=100, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("its-thorough", max_examples=1500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile(os.environ.get("KVMITS_ITS_PROFILE", "its-ci"))
@@ -243,6 +244,11 @@ def test_saved_tables_decode_to_the_dump(cmds):
                               h.its.mmio_read(R.GITS_BASER0 + 8, 8), nr_vcpus=NR_VCPUS)
     except ItsTableError:
         assert itt_outside
+        return
+    # ITTs that overlap (a guest error) overwrite each other's entries, in KVM as here.
+    spans = sorted((d["itt_addr"], d["itt_addr"] + (8 << d["size_bits"]))
+                   for d in h.its.dump()["devices"].values())
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
         return
     assert content.dump == h.its.dump()
 
