@@ -174,9 +174,10 @@ def run(devices: int, events: int, msis: int, nr_vcpus: int, repeat: int) -> dic
         its, sink = mapped_its(devices, events, nr_vcpus)
         pairs = [(d, e) for d in range(devices) for e in range(events)]
         record("signal_msi", bench_loop(its.signal_msi, pairs, msis), msis)
-        write = its.mmio_write
-        translater = R.GITS_TRANSLATER
-        record("translater", bench_loop(lambda d, e: write(translater, 4, e, d), pairs, msis), msis)
+        def translater_write(d, e, write=its.mmio_write, offset=R.GITS_TRANSLATER):
+            write(offset, 4, e, d)
+
+        record("translater", bench_loop(translater_write, pairs, msis), msis)
         record("translate", bench_loop(its.translate, pairs, msis), msis)
         miss = [(d, events + 1) for d in range(devices)]
         record("msi_miss", bench_loop(its.signal_msi, miss, msis), msis)

@@ -291,7 +291,8 @@ class ItsModel:
             reg64(R.GITS_BASER0 + 8 * n, (lambda n=n: self._baser[n]),
                   (lambda v, n=n: self._write_baser(n, v)), (lambda n=n: self._baser[n]))
         for off in R.ID_REGISTER_OFFSETS:
-            reg32(off, (lambda v=R.ID_REGISTERS.get(off, 0): v), self._write_ro)
+            value = R.ID_REGISTERS.get(off, 0)
+            reg32(off, (lambda v=value: v), self._write_ro)
         self._rd32, self._rd64, self._wr32, self._wr64 = rd32, rd64, wr32, wr64
 
     def mmio_read(self, offset: int, size: int) -> int:
@@ -626,7 +627,7 @@ class ItsModel:
             del self._by_icid[icid]
 
     def _unmap_all_live(self) -> None:
-        for devid, dev in self._devices.items():
+        for dev in self._devices.values():
             for intid, icid in dev.events.values():
                 target = self._collections.get(icid)
                 if target is not None:

@@ -193,7 +193,7 @@ def check_internal_consistency(h: Harness) -> None:
     index = {}
     count = 0
     for devid, dev in its._devices.items():
-        for eventid, (intid, icid) in dev.events.items():
+        for eventid, (_, icid) in dev.events.items():
             index.setdefault(icid, set()).add((devid, eventid))
             count += 1
             assert eventid < 1 << dev.size_bits
@@ -248,7 +248,7 @@ def test_saved_tables_decode_to_the_dump(cmds):
     # ITTs that overlap (a guest error) overwrite each other's entries, in KVM as here.
     spans = sorted((d["itt_addr"], d["itt_addr"] + (8 << d["size_bits"]))
                    for d in h.its.dump()["devices"].values())
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
         return
     assert content.dump == h.its.dump()
 

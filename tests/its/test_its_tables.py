@@ -168,7 +168,7 @@ def test_save_writes_only_inside_the_tables():
     regions = [(DEVICE_TABLE, 0x10000), (COLLECTION_TABLE, 0x10000)]
     regions += [(d["itt_addr"], 8 << d["size_bits"]) for d in h.its.dump()["devices"].values()]
     assert h.ram.writes()
-    for kind, gpa, size, ok in h.ram.writes():
+    for _, gpa, size, ok in h.ram.writes():
         assert ok and any(lo <= gpa and gpa + size <= lo + n for lo, n in regions)
 
 
