@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 
-from kvmits.its import ErrorPolicy, ItsConfig, ItsTableError, read_tables
-from kvmits.its import commands as C
-from kvmits.its import registers as R
-from tests.its.ramfake import COLLECTION_TABLE, DEVICE_TABLE, RAM_BASE, RAM_SIZE, Harness, itt
+pytest.importorskip("hypothesis", reason="the ITS property tests need hypothesis "
+                    "(pip install hypothesis; Debian's testbed image does not ship it)")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvmits.its import ErrorPolicy, ItsConfig, ItsTableError, read_tables  # noqa: E402
+from kvmits.its import commands as C  # noqa: E402
+from kvmits.its import registers as R  # noqa: E402
+from tests.its.ramfake import COLLECTION_TABLE, DEVICE_TABLE, RAM_BASE, RAM_SIZE, Harness, itt  # noqa: E402
 
 settings.register_profile("its-ci", max_examples=100, deadline=None, derandomize=True,
                           database=None, suppress_health_check=[HealthCheck.too_slow])
