@@ -466,12 +466,7 @@ class AgentDevice:
         log.error("%s", exc)
         with slot.cond:
             slot.panic = exc
-            pending = list(slot.queue)
-            slot.queue.clear()
-            if slot.current is not None:
-                pending.append(slot.current)
-            for req in pending:
-                self._finish(slot, req, error=exc)
+            self._fail_pending(slot, exc)
         with self._events:
             self._panics.append(exc)
             self._events.notify_all()
@@ -480,6 +475,15 @@ class AgentDevice:
                 self.on_panic(exc)
             except Exception:
                 log.exception("on_panic callback failed")
+
+    def _fail_pending(self, slot, error: BaseException) -> None:
+        """Fail the current and every queued request of `slot` with `error` (slot.cond held)."""
+        pending = list(slot.queue)
+        slot.queue.clear()
+        if slot.current is not None:
+            pending.append(slot.current)
+        for req in pending:
+            self._finish(slot, req, error=error)
 
     def _bad(self, vcpu: int, offset: int, size: int, is_write: bool, value: int) -> None:
         key = (offset, size, is_write)
@@ -669,12 +673,7 @@ class AgentDevice:
         err = AgentStopped(f"the VM stopped ({reason})")
         for slot in list(self._cpus):
             with slot.cond:
-                pending = list(slot.queue)
-                slot.queue.clear()
-                if slot.current is not None:
-                    pending.append(slot.current)
-                for req in pending:
-                    self._finish(slot, req, error=err)
+                self._fail_pending(slot, err)
                 slot.cond.notify_all()
         with self._events:
             self._events.notify_all()
