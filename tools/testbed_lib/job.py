@@ -76,6 +76,7 @@ def select_files(root: Path) -> list[str]:
     if listed is None:
         listed = walk_files(root, JOB_PATHS)
     listed += walk_files(root, [GUEST_BUILD]) if (root / GUEST_BUILD).is_dir() else []
+    listed += walk_files(root, ["benchmarks/c/build"]) if (root / "benchmarks/c/build").is_dir() else []  # kvmits bench's C floor (make -C benchmarks/c)
     keep = set()
     for rel in listed:
         p = root / rel
