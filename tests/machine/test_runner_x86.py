@@ -72,7 +72,8 @@ def test_pause_resume_with_real_kvm_run(loop_vm):
         wait_for(lambda: dev.reads > 1000)
         for _ in range(20):
             runner.pause_all(TIMEOUT)
-            time.sleep(0.002)                         # in-flight exits finish, then the threads park
+            # out of KVM_RUN now; an exit still being handled finishes, then its thread parks
+            wait_for(lambda: runner.states() == ["PARKED", "PARKED"])
             before = dev.reads
             time.sleep(0.01)
             assert dev.reads == before
