@@ -1,6 +1,6 @@
 """KVM_EXIT_MMIO round trips per second through Python, against the bare ioctl floor.
 
-On an x86_64 host with /dev/kvm: the tiny real-mode guest of tests/x86guest.py loops on
+On an x86_64 host with /dev/kvm: the tiny real-mode guest of kvmits/bench/x86guest.py loops on
 "read MMIO, add 1, write MMIO", so every iteration is two exits handled in Python.
 
   floor   : libc ioctl(KVM_RUN) through cffi + the minimum kvm_run access, no objects
@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from kvmits import uapi  # noqa: E402
 from kvmits.kvm import Kvm  # noqa: E402
-from tests import x86guest  # noqa: E402
+from kvmits.bench import x86guest  # noqa: E402
+from kvmits.bench.exitloop import kvm_loop  # noqa: E402
 
 
 def floor_loop(vcpu, exits: int) -> float:
@@ -41,20 +42,6 @@ def floor_loop(vcpu, exits: int) -> float:
             u64.pack_into(run, 40, value)
         else:
             value = data & 0xFFFF
-    return time.perf_counter() - t0
-
-
-def kvm_loop(vcpu, exits: int) -> float:
-    value = 0
-    run = vcpu.run
-    complete = vcpu.complete_mmio_read
-    t0 = time.perf_counter()
-    for _ in range(exits):
-        ex = run()
-        if ex.is_write:
-            value = ex.data
-        else:
-            complete(value)
     return time.perf_counter() - t0
 
 

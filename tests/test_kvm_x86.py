@@ -9,7 +9,7 @@ import pytest
 from kvmits import uapi
 from kvmits.errors import GuestMemoryError, KvmError
 from kvmits.kvm import EventFd, GuestMemory, MmioExit, MsiRoute, Vcpu
-from tests import x86guest
+from kvmits.bench import x86guest
 
 pytestmark = pytest.mark.kvm
 

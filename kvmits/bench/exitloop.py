@@ -31,14 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-from kvmits.bench import figure
+from kvmits.bench import figure, x86guest
 
 ROOT = Path(__file__).resolve().parents[2]
 C_DIR = ROOT / "benchmarks" / "c"
 
-X86_RAM, X86_RAM_SIZE, X86_CODE, X86_MMIO = 0x0, 0x8000, 0x1000, 0x9000
 # loop: mov ax,[0x9002] ; add ax,1 ; mov [0x9004],ax ; jmp loop
-X86_LOOP = bytes.fromhex("a10290050100a30490ebf5")
 
 A64_RAM, A64_RAM_SIZE, A64_MMIO = 0x4000_0000, 0x1_0000, 0x1000_0000
 # movz x1,#0x1000,lsl #16 ; loop: ldr w0,[x1] ; add w0,w0,#1 ; str w0,[x1,#4] ; b loop
@@ -89,19 +87,7 @@ def _vm_with_loop(kvm, arch: str):
 
     vm = kvm.create_vm()
     if arch == "x86_64":
-        ram = GuestMemory(X86_RAM, X86_RAM_SIZE)
-        ram.write(X86_CODE, X86_LOOP)
-        vm.add_memory(ram)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-            seg.base = 0
-            seg.selector = 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip = X86_CODE
-        regs.rflags = 0x2
-        vcpu.set_regs(regs)
+        vcpu, ram = x86guest.boot(vm, x86guest.LOOP)
     else:
         ram = GuestMemory(A64_RAM, A64_RAM_SIZE)
         ram.write(A64_RAM, A64_LOOP)
@@ -173,7 +159,7 @@ def runner_loop(vcpu, arch: str, exits: int, repeat: int, warmup: int) -> list[f
     marks = [warmup + exits * i for i in range(repeat + 1)]
     dev = LoopDevice(marks)
     bus = MmioBus()
-    bus.add(X86_MMIO if arch == "x86_64" else A64_MMIO, 0x1000, dev, "exit-loop")
+    bus.add(x86guest.MMIO if arch == "x86_64" else A64_MMIO, 0x1000, dev, "exit-loop")
     runner = VcpuRunner([vcpu], bus)
     dev.runner = runner
     runner.start()

@@ -1,5 +1,5 @@
 """The vCPU threads against the host's real KVM (x86_64): KVM_RUN, the kick signal,
-immediate_exit and pause/resume on a tiny real-mode guest (tests/x86guest.py)."""
+immediate_exit and pause/resume on a tiny real-mode guest (kvmits/bench/x86guest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kvmits import uapi
 from kvmits.machine.bus import MmioBus
 from kvmits.machine.runner import MachineExit, VcpuRunner, install_kick_handler
-from tests import x86guest
+from kvmits.bench import x86guest
 
 pytestmark = pytest.mark.kvm
 TIMEOUT = 20

@@ -1,4 +1,5 @@
-"""A tiny x86 real-mode guest for exercising the generic KVM layer on x86_64 hosts.
+"""A tiny x86 real-mode guest for exercising the generic KVM layer on x86_64 hosts (the host
+tests of kvmits.kvm and the exit-loop benchmarks).
 
 The guest is a handful of hand-assembled 16-bit instructions placed in guest RAM at CODE;
 its MMIO window MMIO is not backed by any memory slot, so each access exits to Python.
