@@ -170,7 +170,7 @@ class TablesContent(NamedTuple):
 
 # -- writing tables (KVM_DEV_ARM_ITS_SAVE_TABLES) --------------------------------------------
 def write_tables(mem, baser0: int, baser1: int, dump: dict,
-                 unmapped_collections=(), *, devbits: int = 16) -> int:
+                 unmapped_collections=(), *, devbits: int = 16, invalid_ites=()) -> int:
     """Write a canonical dump into the guest tables GITS_BASER0/1 describe; bytes written.
 
     Like the kernel: a table whose BASER is not Valid is skipped; only valid entries are
@@ -178,7 +178,14 @@ def write_tables(mem, baser0: int, baser1: int, dump: dict,
     packed collection list when it does not fill the table. `unmapped_collections` are ICIDs
     saved with RDBase = COLLECTION_NOT_MAPPED; ICIDs named by ITEs but absent from both are
     added to them, so the kernel's restore finds every ITE's collection.
+
+    `invalid_ites`: (DeviceID, EventID) pairs of the dump whose ITE is written as an invalid
+    (all-zero) entry, still counted in the `next` chain: what the kernel writes for an ITE
+    whose collection was unmapped (MAPC V=0 leaves it with no collection; vgic_its_save_ite
+    then stores 0 -- seen on the testbed's Debian 6.1 kernel). Their ICIDs are not added to
+    the collection table. A restore steps over such entries: the ITE does not come back.
     """
+    invalid = set(invalid_ites)
     dt, ct = decode_baser(baser0), decode_baser(baser1)
     written = 0
     devices = dump["devices"]
@@ -198,8 +205,8 @@ def write_tables(mem, baser0: int, baser1: int, dump: dict,
             for epos, eid in enumerate(eids):
                 nxt = min(eids[epos + 1] - eid, ITE_MAX_NEXT) if epos + 1 < len(eids) else 0
                 ite = events[eid]
-                _write_u64(mem, dev["itt_addr"] + eid * ABI_REV0_ENTRY_SIZE,
-                           encode_ite(ite["intid"], ite["icid"], nxt))
+                value = 0 if (devid, eid) in invalid else encode_ite(ite["intid"], ite["icid"], nxt)
+                _write_u64(mem, dev["itt_addr"] + eid * ABI_REV0_ENTRY_SIZE, value)
                 written += 8
             nxt = min(ordered[pos + 1] - devid, DTE_MAX_NEXT) if pos + 1 < len(ordered) else 0
             _write_u64(mem, addr, encode_dte(dev["itt_addr"], dev["size_bits"], nxt))
@@ -210,9 +217,9 @@ def write_tables(mem, baser0: int, baser1: int, dump: dict,
         if ct.indirect:
             raise ItsTableError("ABI rev 0 has no two-level collection table")
         unmapped = set(unmapped_collections)
-        for dev in devices.values():
-            for ite in dev["events"].values():
-                if ite["icid"] not in collections:
+        for devid, dev in devices.items():
+            for eid, ite in dev["events"].items():
+                if ite["icid"] not in collections and (devid, eid) not in invalid:
                     unmapped.add(ite["icid"])
         unmapped -= set(collections)
         entries = [encode_cte(i, t) for i, t in sorted(collections.items())]

@@ -940,24 +940,33 @@ class ItsModel:
     # ==========================================================================================
     # dump, save, load
     # ==========================================================================================
-    def dump(self) -> dict:
+    def dump(self, *, include_orphans: bool = True) -> dict:
         """The mapping state in canonical form (abi.canonical_dump): devices with their ITT
-        address, EventID bits and ITEs, and the mapped collections' targets."""
+        address, EventID bits and ITEs, and the mapped collections' targets.
+
+        `include_orphans=False` leaves out the orphaned ITEs (orphaned_ites()): what
+        save_tables() writes, and what the kernel's KVM_DEV_ARM_ITS_SAVE_TABLES shows."""
         devices = {}
         for devid, dev in self._devices.items():
             devices[devid] = {
                 "itt_addr": dev.itt_addr, "size_bits": dev.size_bits,
                 "events": {e: {"intid": intid, "icid": icid & 0xFFFF}
-                           for e, (intid, icid) in dev.events.items()},
+                           for e, (intid, icid) in dev.events.items()
+                           if include_orphans or not icid & _ORPHAN},
             }
         return abi.canonical_dump(devices, self._collections)
 
+    def orphaned_ites(self) -> tuple[tuple[int, int], ...]:
+        """(DeviceID, EventID) of the ITEs whose collection MAPC V=0 unmapped
+        (CollectionUnmap.ORPHAN): they exist (MAPTI/MAPI of their EventID change nothing, only
+        MAPD frees them) but never translate, and the table ABI cannot express them."""
+        return tuple(sorted(key for icid, keys in self._by_icid.items() if icid & _ORPHAN
+                            for key in keys))
+
     def unmapped_collections(self) -> tuple[int, ...]:
-        """ICIDs known without a target: KVM's placeholder collections, and the ICIDs of
-        orphaned ITEs (saved with RDBase = COLLECTION_NOT_MAPPED)."""
-        icids = set(self._placeholders)
-        icids.update(icid & 0xFFFF for icid in self._by_icid if icid & _ORPHAN)
-        return tuple(sorted(icids - set(self._collections)))
+        """ICIDs known without a target: KVM's placeholder collections (MAPTI/MAPI named an
+        unmapped ICID), saved with RDBase = COLLECTION_NOT_MAPPED."""
+        return tuple(sorted(self._placeholders - set(self._collections)))
 
     def save_state(self) -> dict:
         """The whole model state (registers and mappings) as a JSON-able dict."""
@@ -1030,8 +1039,11 @@ class ItsModel:
 
         Raises abi.ItsTableError (host API: the kernel returns EINVAL/EFAULT) when an entry
         has no place in the guest's tables."""
+        # Orphaned ITEs are written as the kernel writes them: an invalid (zero) entry, still
+        # in the `next` chain (vgic_its_save_ite with a NULL collection, Debian 6.1 kernel).
         return abi.write_tables(self.memory, self._baser[0], self._baser[1], self.dump(),
-                                self.unmapped_collections(), devbits=self._devbits)
+                                self.unmapped_collections(), devbits=self._devbits,
+                                invalid_ites=self.orphaned_ites())
 
     def restore_tables(self, *, notify_sink: bool = True,
                        max_entries: int = abi.DEFAULT_MAX_ENTRIES) -> None:

@@ -255,7 +255,8 @@ def test_saved_tables_decode_to_the_dump(cmds):
                    for d in h.its.dump()["devices"].values())
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
         return
-    assert content.dump == h.its.dump()
+    # orphaned ITEs are saved as invalid entries, as the kernel saves them
+    assert content.dump == h.its.dump(include_orphans=False)
 
 
 # -- hostile register traffic ----------------------------------------------------------------
