@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kvmits.gic import regs
 from kvmits.its import commands as cmd
-from kvmits.its import ItsModel, RecordingSink, Redistributors
+from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.kvm import GuestMemory
 from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
@@ -89,14 +89,14 @@ class Guest:
 
 
 class Rig:
-    def __init__(self):
+    def __init__(self, config: ItsConfig | None = None):
         self.ram = GuestMemory(RAM, 16 << 20)
         self.private = GuestMemory(PRIVATE, PRIVATE_SIZE)
         self.kernel = StandInKernelIts(self.private)
         self.vm = StandInVm(self.kernel)
         self.engine = HiddenIts(self.vm, self.kernel, self.private, CPUS)
         self.engine.program()
-        self.model = ItsModel(self.ram, self.engine, Redistributors(CPUS))
+        self.model = ItsModel(self.ram, self.engine, Redistributors(CPUS), config)
         self.limit = FixedLimit()
         self.pauses = 0
         self.frame = UserItsFrame(self.model, self.engine, self.pause, self.limit)
@@ -179,6 +179,54 @@ def test_mapc_retarget_moves_lpis_without_dropping_pending_state():
         rig.check_same_translation({9: 2})
         assert (8400, 3) in rig.kernel.sink.pending and (8400, 1) not in rig.kernel.sink.pending
         assert rig.kernel.sink.of("invalidate")[-1] == (8400, 1)
+    finally:
+        rig.close()
+
+
+def test_commands_left_by_the_budget_reach_the_hidden_its_when_the_guest_polls():
+    """With a command budget below the batch, the guest's GITS_CREADR polls run the rest: each
+    such read stops the vCPUs and mirrors what it ran on the hidden ITS, as a CWRITER write does."""
+    rig = Rig(ItsConfig(command_budget=2))
+    try:
+        rig.its.mapd(5, 4)
+        pauses = rig.pauses
+        rig.its.submit(*(cmd.encode_mapti(5, ev, 8300 + ev, ev % CPUS) for ev in range(7)))
+        assert rig.pauses - pauses == 4            # the write (2 commands), then 3 polls (2, 2, 1)
+        assert not rig.engine.dirty
+        rig.check_same_translation({5: 16})
+        rig.kernel.sink.calls.clear()
+        assert rig.model.signal_msi(5, 6)          # delivered at once: nothing waits unflushed
+        assert rig.kernel.sink.of("set_pending") == [(8306, 2)]
+    finally:
+        rig.close()
+
+
+def test_a_register_write_that_unmaps_is_done_once_and_mirrored():
+    """GITS_BASER0.Valid = 0 forgets every device (KVM): the hidden ITS drops their LPIs and
+    the MSI routes are recompiled; the guest's write reaches the model once."""
+    rig = Rig()
+    try:
+        changes, writes = [], []
+        rig.frame.on_translation_change = lambda: changes.append(rig.model.generation)
+        model_write = rig.model.mmio_write
+
+        def counting_write(offset, size, value, devid=0):
+            writes.append(offset)
+            model_write(offset, size, value, devid)
+
+        rig.model.mmio_write = counting_write
+        rig.its.mapd(5, 2)
+        rig.its.mapti(5, 1, 8301, 2)
+        assert rig.engine.mapping() == {8301: 2}
+        baser0 = rig.its.read_reg(regs.GITS_BASER(0))
+        rig.its.write_reg(regs.GITS_CTLR, 0, 4)
+        changes.clear()
+        writes.clear()
+        rig.its.write_reg(regs.GITS_BASER(0), baser0 & ~(1 << 63))
+        assert writes == [regs.GITS_BASER(0)]
+        assert rig.model.dump()["devices"] == {}
+        assert rig.engine.mapping() == {} and not rig.kernel.model.translate(INJECTOR_DEVID, 8301 - LPI_BASE).ok
+        assert changes == [rig.model.generation]
     finally:
         rig.close()
 

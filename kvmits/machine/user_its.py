@@ -23,7 +23,7 @@ import selectors
 import threading
 from typing import Callable, Mapping
 
-from kvmits.gic.regs import GICR_PROPBASER, GITS_CTLR, GITS_CWRITER
+from kvmits.gic.regs import GICR_PROPBASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER
 from kvmits.kvm import EventFd, MsiRoute
 from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, HiddenIts
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: GICR_PROPBASER.IDbits is capped at 16 by KVM for LPIs behind an ITS (INTERRUPT_ID_BITS_ITS)
 KVM_LPI_ID_BITS = 16
 _RUNS_COMMANDS = frozenset((GITS_CTLR, GITS_CWRITER, GITS_CWRITER + 4))
+#: reads that run the commands a bounded command budget left in the queue (the model processes
+#: them for a guest polling for completion: docs/its-model.md, "Command queue")
+_POLLS = frozenset((GITS_CTLR, GITS_CREADR, GITS_CREADR + 4))
 _TRANSLATION_FRAME = 0x10000
 
 
@@ -77,7 +80,16 @@ class UserItsFrame:
 
     def mmio_read(self, vcpu: int, offset: int, size: int) -> int:
         with self.lock:
-            return self.model.mmio_read(offset, size)
+            model = self.model
+            if offset in _POLLS and model.pending_commands and model.enabled and not model.stalled:
+                # This read makes the model run what its command budget left in the queue: the
+                # sink calls that causes must be mirrored on the hidden ITS, with the vCPUs
+                # stopped, exactly as for a GITS_CWRITER write (else they wait, unflushed, for
+                # the next one, and the LPIs they map are not delivered meanwhile).
+                value = []
+                self.run_commands(lambda: value.append(model.mmio_read(offset, size)))
+                return value[0]
+            return model.mmio_read(offset, size)
 
     def mmio_write(self, vcpu: int, offset: int, size: int, value: int) -> None:
         with self.lock:
@@ -85,11 +97,16 @@ class UserItsFrame:
                 # GITS_TRANSLATER from a CPU: translate in Python, inject without stopping anyone
                 self.model.mmio_write(offset, size, value, self.translater_devid)
                 return
-            if offset not in _RUNS_COMMANDS:
-                self.model.mmio_write(offset, size, value)
-                if not self.engine.dirty:
-                    return
-            self.run_commands(lambda: self.model.mmio_write(offset, size, value))
+            if offset in _RUNS_COMMANDS:
+                self.run_commands(lambda: self.model.mmio_write(offset, size, value))
+                return
+            generation = self.model.generation
+            self.model.mmio_write(offset, size, value)
+            if self.engine.dirty or self.model.generation != generation:
+                # The write unmapped something (GITS_BASER<n>.Valid = 0 forgets devices or
+                # collections): mirror that on the hidden ITS and recompile the routes. The
+                # write itself is done: it must not be done twice.
+                self.run_commands(lambda: None, generation)
 
     def signal_msi(self, devid: int, eventid: int) -> bool:
         """Translate in Python and inject through the hidden ITS (no vCPU stop)."""
@@ -100,11 +117,13 @@ class UserItsFrame:
         with self.lock:
             return self.model.translate(devid, eventid)
 
-    def run_commands(self, action: Callable[[], object]) -> None:
+    def run_commands(self, action: Callable[[], object], generation: int | None = None) -> None:
         """Stop the vCPUs, run `action` (which may make the model process commands), mirror the
-        result on the hidden ITS, resume."""
-        generation = self.model.generation
+        result on the hidden ITS, resume. `generation`: the model's generation to compare with
+        (default: before `action`), to tell whether the MSI routes need recompiling."""
         with self.lock, self.pause():
+            if generation is None:
+                generation = self.model.generation
             self.stops += 1
             self.lpi_limit.refresh()
             with self.engine.batch():
