@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from kvmits.gic.regs import GITS_BASER
 from kvmits.its import abi
+from kvmits.its import commands as cmd
 from kvmits.machine.agent import AgentDevice, AgentTimeout, guest_program
 from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.devicetree import MAX_DTB_SIZE
@@ -31,10 +32,12 @@ class ItsLab:
     """One VM running the guest agent, with a guest-side GICv3 LPI + ITS driver."""
 
     def __init__(self, cpus: int = 4, its: str = "kernel", mem_size: int = DEFAULT_MEM,
-                 console: BinaryIO | None = None, timeout: float = 60.0):
+                 console: BinaryIO | None = None, timeout: float = 60.0, its_config=None):
         self.cpus = cpus
         self.mode = its
-        self.machine = Machine(MachineConfig(cpus=cpus, mem_size=mem_size, its=its, agent=True), console=console)
+        # its_config: with its="user", the model's kvmits.its.ItsConfig (None: like the kernel's)
+        self.machine = Machine(MachineConfig(cpus=cpus, mem_size=mem_size, its=its, agent=True,
+                                             its_config=its_config), console=console)
         try:
             self.machine.load(guest_program("agent"))
             self.machine.start()
@@ -62,8 +65,8 @@ class ItsLab:
 
     def _setup_its(self) -> None:
         self.its.setup(two_level=self._two_level)
-        for cpu in range(self.cpus):
-            self.its.mapc(cpu, cpu)
+        # one batch (one GITS_CWRITER write) for all collections: a reset is as cheap as it can be
+        self.its.submit(*(cmd.encode_mapc(cpu, cpu) for cpu in range(self.cpus)), cmd.encode_sync(0))
 
     def reset_its(self) -> None:
         """Reset the ITS (the kernel's: KVM_DEV_ARM_ITS_CTRL_RESET; the userspace one: the model
@@ -80,18 +83,37 @@ class ItsLab:
         self._setup_its()
 
     def its_state(self) -> dict:
-        """The ITS's mapping state as a canonical dump (kvmits.its.abi.canonical_dump). The
-        kernel's ITS writes its tables into guest memory (KVM_DEV_ARM_ITS_SAVE_TABLES) and they
-        are decoded (ABI rev 0); the userspace model answers directly."""
+        """The ITS's mapping state as a canonical dump (kvmits.its.abi.canonical_dump), as its
+        saved tables hold it (its_tables())."""
+        return self.its_tables().dump
+
+    def its_tables(self) -> abi.TablesContent:
+        """Save the ITS's tables into guest memory and decode them (ABI rev 0): the kernel's
+        ITS with KVM_DEV_ARM_ITS_SAVE_TABLES, the userspace model with its save_tables(). One
+        path for both, so what the ABI cannot express (orphaned ITEs) is missing on both."""
         m = self.machine
         if m.user_its is not None:
             with m.user_its.frame.lock:
-                return m.user_its.model.dump()
-        with m.paused():
-            m.its.save_tables()
-            baser0 = m.its.get_reg(GITS_BASER(0))
-            baser1 = m.its.get_reg(GITS_BASER(1))
-        return abi.read_tables(m.ram, baser0, baser1, nr_vcpus=self.cpus).dump
+                model = m.user_its.model
+                model.save_tables()
+                baser0 = model.mmio_read(GITS_BASER(0), 8)
+                baser1 = model.mmio_read(GITS_BASER(1), 8)
+        else:
+            with m.paused():
+                m.its.save_tables()
+                baser0 = m.its.get_reg(GITS_BASER(0))
+                baser1 = m.its.get_reg(GITS_BASER(1))
+        return abi.read_tables(m.ram, baser0, baser1, nr_vcpus=self.cpus)
+
+    def orphaned_ites(self) -> tuple[tuple[int, int], ...] | None:
+        """(DeviceID, EventID) of the ITEs whose collection was unmapped (see
+        ItsModel.orphaned_ites): the userspace model knows them; None for the kernel's ITS,
+        whose saved tables do not show them."""
+        m = self.machine
+        if m.user_its is None:
+            return None
+        with m.user_its.frame.lock:
+            return m.user_its.model.orphaned_ites()
 
     # -- interrupts from the host ------------------------------------------------------------
     def msi(self, devid: int, eventid: int) -> int:
