@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from typing import BinaryIO
 
-from kvmits.gic.regs import GITS_BASER
 from kvmits.its import abi
 from kvmits.its import commands as cmd
+from kvmits.its.query import ItsSnapshot
+from kvmits.machine import its_query
 from kvmits.machine.agent import AgentDevice, AgentTimeout, guest_program
-from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.devicetree import MAX_DTB_SIZE
+from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.machine import Machine, MachineConfig
 
 DEFAULT_MEM = 256 << 20
@@ -91,19 +92,12 @@ class ItsLab:
         """Save the ITS's tables into guest memory and decode them (ABI rev 0): the kernel's
         ITS with KVM_DEV_ARM_ITS_SAVE_TABLES, the userspace model with its save_tables(). One
         path for both, so what the ABI cannot express (orphaned ITEs) is missing on both."""
-        m = self.machine
-        if m.user_its is not None:
-            with m.user_its.frame.lock:
-                model = m.user_its.model
-                model.save_tables()
-                baser0 = model.mmio_read(GITS_BASER(0), 8)
-                baser1 = model.mmio_read(GITS_BASER(1), 8)
-        else:
-            with m.paused():
-                m.its.save_tables()
-                baser0 = m.its.get_reg(GITS_BASER(0))
-                baser1 = m.its.get_reg(GITS_BASER(1))
-        return abi.read_tables(m.ram, baser0, baser1, nr_vcpus=self.cpus)
+        return its_query.saved_tables(self.machine)
+
+    def snapshot(self) -> ItsSnapshot:
+        """The ITS's mappings now (kvmits.machine.its_query.snapshot): a translation query
+        answers from it in either mode."""
+        return its_query.snapshot(self.machine)
 
     def orphaned_ites(self) -> tuple[tuple[int, int], ...] | None:
         """(DeviceID, EventID) of the ITEs whose collection was unmapped (see

@@ -1,0 +1,76 @@
+"""Reading a running machine's ITS, whichever it is: snapshots of its mappings, saved tables, and
+translation queries (what (LPI, vCPU) an MSI would reach).
+
+- The kernel's ITS: all vCPUs are paused (every ITS attribute access needs them out of
+  KVM_RUN), KVM_DEV_ARM_ITS_SAVE_TABLES writes its device table, ITTs and collection table
+  into the guest memory the guest gave it (GITS_BASER<n>, the ITT addresses of MAPD: memory the
+  architecture reserves to the ITS, IHI 0069 5.2), and kvmits.its.abi decodes them. This is how a
+  VMM migrates the ITS; it changes nothing the guest may rely on.
+- kvmits' userspace ITS: the model is read under its frame lock, without stopping the guest
+  and without writing guest memory; translations are the model's own live answer.
+"""
+
+from __future__ import annotations
+
+from kvmits.errors import KvmitsError
+from kvmits.gic.regs import GITS_BASER, GITS_CTLR
+from kvmits.its import abi
+from kvmits.its.model import Translation
+from kvmits.its.query import SOURCE_SAVE_TABLES, ItsSnapshot, model_snapshot
+
+GITS_CTLR_ENABLED = 1
+
+
+class NoItsError(KvmitsError):
+    """The machine has no ITS (MachineConfig(its=None)): nothing to read."""
+
+
+def its_kind(machine) -> str:
+    """"kernel" or "user": which ITS the guest sees."""
+    if machine.user_its is not None:
+        return "user"
+    if machine.its is not None:
+        return "kernel"
+    raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
+
+
+def saved_tables(machine) -> abi.TablesContent:
+    """Save the ITS's tables into guest memory and decode them (ABI rev 0): the kernel's ITS with
+    KVM_DEV_ARM_ITS_SAVE_TABLES, the model with its save_tables(). One path for both, as a
+    migration sees them (the differential check compares these)."""
+    if its_kind(machine) == "user":
+        with machine.user_its.frame.lock:
+            model = machine.user_its.model
+            model.save_tables()
+            baser0 = model.mmio_read(GITS_BASER(0), 8)
+            baser1 = model.mmio_read(GITS_BASER(1), 8)
+    else:
+        with machine.paused():
+            machine.its.save_tables()
+            baser0 = machine.its.get_reg(GITS_BASER(0))
+            baser1 = machine.its.get_reg(GITS_BASER(1))
+    return abi.read_tables(machine.ram, baser0, baser1, nr_vcpus=machine.config.cpus)
+
+
+def snapshot(machine) -> ItsSnapshot:
+    """The guest's ITS's mapping state now (see the module's docstring for how it is read)."""
+    if its_kind(machine) == "user":
+        with machine.user_its.frame.lock:
+            return model_snapshot(machine.user_its.model)
+    with machine.paused():
+        enabled = bool(machine.its.get_reg(GITS_CTLR) & GITS_CTLR_ENABLED)
+        machine.its.save_tables()
+        baser0 = machine.its.get_reg(GITS_BASER(0))
+        baser1 = machine.its.get_reg(GITS_BASER(1))
+    content = abi.read_tables(machine.ram, baser0, baser1, nr_vcpus=machine.config.cpus)
+    return ItsSnapshot("kernel", SOURCE_SAVE_TABLES, enabled, content.dump,
+                       content.unmapped_collections, None)
+
+
+def translate(machine, devid: int, eventid: int) -> Translation:
+    """Where an MSI (devid, eventid) would go now: the model's live answer for the userspace
+    ITS; for the kernel's ITS, the same look-ups over its saved tables (ItsSnapshot.translate)."""
+    if its_kind(machine) == "user":
+        with machine.user_its.frame.lock:
+            return machine.user_its.model.translate(devid, eventid)
+    return snapshot(machine).translate(devid, eventid)
