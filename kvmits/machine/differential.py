@@ -29,9 +29,7 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-from kvmits.its import commands as cmd
-
-LPI_BASE = 8192
+from kvmits.machine.its_program import LPI_BASE, Op, ProgramRunner
 
 #: commands per program (plus the orphan probe): 200 programs (both ITSes, resets included)
 #: took 127 s in the arm64 testbed (qemu TCG, idle host), 1000 about 15 minutes
@@ -48,31 +46,6 @@ LPIS = 96
 INVALID_SHARE = 0.19
 #: the probe of an orphaned ITE maps this LPI (any valid one does)
 PROBE_LPI = LPI_BASE
-
-
-class Op(NamedTuple):
-    """One command of a program, as the guest sends it."""
-
-    name: str
-    args: tuple
-
-    def encode(self, itt_of) -> bytes:
-        a = self.args
-        if self.name == "MAPD":
-            devid, bits, valid = a
-            # an ITT only for a size the ITS can accept: a refused MAPD needs none
-            return cmd.encode_mapd(devid, itt_of(devid, bits) if valid and bits <= 16 else 0, bits, valid)
-        if self.name == "MAPC":
-            return cmd.encode_mapc(a[0], a[1], a[2])
-        return _ENCODERS[self.name](*a)
-
-
-_ENCODERS = {
-    "MAPTI": cmd.encode_mapti, "MAPI": cmd.encode_mapi, "MOVI": cmd.encode_movi,
-    "MOVALL": cmd.encode_movall, "INVALL": cmd.encode_invall, "SYNC": cmd.encode_sync,
-    "DISCARD": cmd.encode_discard, "INT": cmd.encode_int, "CLEAR": cmd.encode_clear,
-    "INV": cmd.encode_inv,
-}
 
 
 class _Shadow:
@@ -290,24 +263,12 @@ def run_program(lab, seed: int, length: int = LENGTH, probe=None) -> ProgramResu
     final state. `probe`: the (DeviceID, EventID) pairs to probe; None: the lab's own orphans
     (a userspace ITS knows them; the kernel's none)."""
     lab.reset_its()
-    itts: dict[tuple[int, int], int] = {}
-
-    def itt_of(devid: int, bits: int) -> int:
-        # one ITT per (device, size), allocated in program order: the same addresses in both modes
-        key = (devid, bits)
-        if key not in itts:
-            itts[key] = lab.heap.alloc(max((1 << bits) * lab.its.itt_entry_size, 256), 256)
-        return itts[key]
-
-    count = 0
-    for batch in generate_program(seed, length, lab.cpus):
-        lab.its.submit(*(op.encode(itt_of) for op in batch))
-        count += len(batch)
+    runner = ProgramRunner(lab)
+    count = runner.run(generate_program(seed, length, lab.cpus))
     orphans = lab.orphaned_ites()
     probe = (orphans or ()) if probe is None else probe
     if probe:
-        lab.its.submit(*(op.encode(itt_of) for op in probe_ops(probe)))
-        count += len(probe)
+        count += runner.run([probe_ops(probe)])
     content = lab.its_tables()
     return ProgramResult(seed, dict(content.dump, untargeted=list(content.unmapped_collections)),
                          count, orphans)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from kvmits.errors import GuestMemoryError
 from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
+from kvmits.its import commands as C
 from kvmits.its import registers as R
+from kvmits.machine.differential import generate_program, probe_ops
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 8 << 20
@@ -114,3 +116,26 @@ class Harness:
         start = len(self.records)
         self.enqueue(*commands)
         return [r.error for r in self.records[start:] if r.error]
+
+
+def run_on_model(seed: int, probe: bool = False, cpus: int = 4) -> Harness:
+    """The differential check's program `seed` (kvmits.machine.differential) on an ItsModel
+    set up as ItsLab sets up an ITS (collection n -> vCPU n), ITTs allocated in program order
+    as ProgramRunner allocates them; with `probe`, the orphan probe after it."""
+    h = Harness(ItsConfig(log_limit=0), nr_vcpus=cpus, ram=FakeRam(size=2 << 20))
+    assert h.run(*[C.encode_mapc(c, c) for c in range(cpus)]) == []
+    itts: dict = {}
+    heap = [RAM_BASE + 0x40000]                 # after the tables ramfake lays out
+
+    def itt_of(devid, bits):
+        if (devid, bits) not in itts:
+            itts[(devid, bits)] = heap[0]
+            heap[0] += max((1 << bits) * 8, 256)
+        return itts[(devid, bits)]
+
+    h.records.clear()
+    for batch in generate_program(seed, cpus=cpus):
+        h.enqueue(*(op.encode(itt_of) for op in batch))
+    if probe:
+        h.enqueue(*(op.encode(itt_of) for op in probe_ops(h.its.orphaned_ites())))
+    return h

@@ -6,34 +6,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvmits.its import ItsConfig
 from kvmits.its import commands as C
 from kvmits.machine.differential import LENGTH, PROBE_LPI, compare, generate_program, probe_ops
-from tests.its.ramfake import RAM_BASE, FakeRam, Harness
+from tests.its.ramfake import RAM_BASE, run_on_model
 
 CPUS = 4
-
-
-def run_on_model(seed: int, probe: bool = False) -> Harness:
-    """Program `seed` on an ItsModel set up as ItsLab sets up an ITS (collection n -> vCPU n),
-    ITTs allocated in program order as run_program allocates them."""
-    h = Harness(ItsConfig(log_limit=0), nr_vcpus=CPUS, ram=FakeRam(size=2 << 20))
-    assert h.run(*[C.encode_mapc(c, c) for c in range(CPUS)]) == []
-    itts: dict = {}
-    heap = [RAM_BASE + 0x40000]                 # after the tables ramfake lays out
-
-    def itt_of(devid, bits):
-        if (devid, bits) not in itts:
-            itts[(devid, bits)] = heap[0]
-            heap[0] += max((1 << bits) * 8, 256)
-        return itts[(devid, bits)]
-
-    h.records.clear()
-    for batch in generate_program(seed, cpus=CPUS):
-        h.enqueue(*(op.encode(itt_of) for op in batch))
-    if probe:
-        h.enqueue(*(op.encode(itt_of) for op in probe_ops(h.its.orphaned_ites())))
-    return h
 
 
 def test_programs_are_reproducible_batches_of_one_to_six():
