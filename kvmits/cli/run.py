@@ -66,6 +66,9 @@ def register(subparsers) -> None:
     p.add_argument("--kind", choices=("auto", "raw", "linux"), default="auto",
                    help="image kind; auto: a Linux Image if its header says so (gzip allowed), else raw")
     p.add_argument("--agent", action="store_true", help="map the guest agent's mailbox at 0x0A000000")
+    p.add_argument("--control", metavar="PATH",
+                   help="serve a control socket at PATH while the VM runs: `kvmits its dump|translate "
+                        "--connect PATH` reads its ITS")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop the guest after this long (exit status 124)")
     p.set_defaults(func=run)
@@ -115,27 +118,45 @@ def run(args) -> int:
             return EXIT_USAGE
         if sys.stdin is not None and not sys.stdin.closed:
             threading.Thread(target=_feed_stdin, args=(machine.uart,), name="stdin", daemon=True).start()
-        machine.start()
+        control = None
+        if args.control:
+            from kvmits.machine.control import ControlServer, machine_handlers
+
+            try:
+                control = ControlServer(args.control, machine_handlers(machine))
+            except KvmitsError as exc:
+                print(f"kvmits run: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         try:
-            result = machine.wait(args.timeout)
-        except TimeoutError:
-            machine.stop()
-            console.flush()
-            print(f"\nkvmits run: stopped the guest after {args.timeout} s", file=sys.stderr)
-            return EXIT_TIMEOUT
-        except KeyboardInterrupt:
-            machine.stop()
-            console.flush()
-            print("\nkvmits run: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except Exception as exc:     # a vCPU thread's failure: report it, exit 1
-            console.flush()
-            log.debug("vCPU failure", exc_info=True)
-            notes = "".join(f" {n}" for n in getattr(exc, "__notes__", ()))
-            print(f"\nkvmits run: the VM failed: {type(exc).__name__}: {exc}{notes}", file=sys.stderr)
-            return EXIT_VMM_ERROR
+            return _run_until_exit(machine, args, console)
+        finally:
+            if control is not None:
+                control.close()
+
+
+def _run_until_exit(machine, args, console) -> int:
+    """Start the vCPUs and wait for the guest to end; the exit status (see the module's docstring)."""
+    machine.start()
+    try:
+        result = machine.wait(args.timeout)
+    except TimeoutError:
+        machine.stop()
         console.flush()
-        if result.reason != "poweroff":
-            print(f"\nkvmits run: guest {result.reason} (vCPU {result.cpu}): exit status {result.status}",
-                  file=sys.stderr)
-        return result.status
+        print(f"\nkvmits run: stopped the guest after {args.timeout} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except KeyboardInterrupt:
+        machine.stop()
+        console.flush()
+        print("\nkvmits run: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:     # a vCPU thread's failure: report it, exit 1
+        console.flush()
+        log.debug("vCPU failure", exc_info=True)
+        notes = "".join(f" {n}" for n in getattr(exc, "__notes__", ()))
+        print(f"\nkvmits run: the VM failed: {type(exc).__name__}: {exc}{notes}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    console.flush()
+    if result.reason != "poweroff":
+        print(f"\nkvmits run: guest {result.reason} (vCPU {result.cpu}): exit status {result.status}",
+              file=sys.stderr)
+    return result.status
