@@ -11,7 +11,7 @@ import sys
 
 # Sub-command modules, in the order `kvmits --help` lists them. A module that is missing
 # (a sub-command not yet written) is simply not offered.
-SUBCOMMANDS = ("probe", "run", "demo", "bench")
+SUBCOMMANDS = ("probe", "run", "demo", "bench", "its")
 
 
 def build_parser() -> argparse.ArgumentParser:

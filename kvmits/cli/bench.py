@@ -25,21 +25,13 @@ import time
 from pathlib import Path
 
 from kvmits.bench import ITS_MODES, SCHEMA_VERSION
+from kvmits.cli.testbed import in_testbed, testbed_command
 
 # targets of issue 6 (reported, never asserted)
 TARGET_IRQFD = 0.9          # userspace irqfd throughput / kernel irqfd throughput, at least
 TARGET_SLOW = 0.3           # userspace signal_msi throughput / kernel KVM_SIGNAL_MSI, at least
 TARGET_EXIT_HW = 1.5        # Python exit cost / C floor, at most, with hardware virtualization
 TARGET_EXIT_EMULATED = 2.0  # the same in the testbed
-
-
-def _in_testbed() -> bool:
-    return os.environ.get("KVMITS_TESTBED") == "1"
-
-
-def _testbed_tool() -> Path | None:
-    tool = Path(__file__).resolve().parents[2] / "tools" / "testbed"
-    return tool if tool.is_file() else None
 
 
 def _progress(msg: str) -> None:
@@ -57,7 +49,7 @@ def local_run(args, where: str, parts: set[int]) -> dict:
     """Measure here: figures 1-3 need arm64 KVM, figure 4 any KVM with a loop guest."""
     from kvmits.bench import exitloop, its
 
-    emulated = _in_testbed()
+    emulated = in_testbed()
     run = {"where": where, "arch": platform.machine(), "emulated": emulated, "figures": [], "skipped": []}
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         run["skipped"].append({"part": 0, "reason": "/dev/kvm is missing or not accessible (kvmits probe)"})
@@ -78,8 +70,9 @@ def local_run(args, where: str, parts: set[int]) -> dict:
 
 def testbed_run(args) -> dict:
     """`kvmits bench --json` inside the arm64 testbed; its run, or a skipped entry saying why."""
-    tool = _testbed_tool()
-    if tool is None:
+    cmd = testbed_command(["bench", "--json", "--no-chart", "--repeat", str(args.repeat),
+                           "--parts", ",".join(map(str, sorted(args.parts)))] + (["--quick"] if args.quick else []))
+    if cmd is None:
         return {"where": "testbed", "arch": "aarch64", "emulated": True, "figures": [],
                 "skipped": [{"part": 0, "reason": "no tools/testbed in this installation (arm64 KVM needed)"}]}
     from kvmits.bench import exitloop
@@ -88,11 +81,7 @@ def testbed_run(args) -> dict:
     if why:
         _progress(f"no C floor for the testbed ({why})")
     _progress("running in the arm64 testbed (builds it on first use: a few minutes)")
-    cmd = [sys.executable, str(tool), "run", "-q", "--", "python3", "-m", "kvmits", "bench", "--json",
-           "--no-chart", "--repeat", str(args.repeat), "--parts", ",".join(map(str, sorted(args.parts)))]
-    if args.quick:
-        cmd.append("--quick")
-    proc = subprocess.run(cmd, cwd=str(tool.parents[1]), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(cmd, cwd=str(Path(cmd[1]).parents[1]), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                           text=True, check=False)
     try:
         result = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -248,7 +237,7 @@ def cmd_bench(args) -> int:
     t0 = time.monotonic()
     runs = []
     if platform.machine() == "aarch64":
-        runs.append(local_run(args, "testbed" if _in_testbed() else "native", args.parts))
+        runs.append(local_run(args, "testbed" if in_testbed() else "native", args.parts))
     else:
         if 4 in args.parts:
             runs.append(local_run(args, "host", {4}))

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+from kvmits.cli.testbed import in_testbed, needs_testbed, run_in_testbed
 
 LPI_BASE = 8192
 DEVID = 0x42
@@ -112,27 +111,10 @@ def format_table(kernel: dict, user: dict, emulated: bool) -> str:
     return "\n".join(lines)
 
 
-def _in_testbed() -> bool:
-    return os.environ.get("KVMITS_TESTBED") == "1"
-
-
-def _testbed_tool() -> Path | None:
-    tool = Path(__file__).resolve().parents[2] / "tools" / "testbed"
-    return tool if tool.is_file() else None
-
-
 def cmd_demo(args) -> int:
-    if platform.machine() != "aarch64":
-        tool = _testbed_tool()
-        if tool is None:
-            print("kvmits demo needs arm64 KVM; on other hosts it runs in the testbed of a kvmits "
-                  "source tree (tools/testbed), which this installation does not have.", file=sys.stderr)
-            return 2
-        print(f"kvmits demo: this is {platform.machine()}, running in the arm64 testbed "
-              "(builds it on first use: a few minutes) ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, str(tool), "run", "-q", "--", "python3", "-m", "kvmits", "demo",
-               "--cpus", str(args.cpus), "--events", str(args.events)] + (["--json"] if args.json else [])
-        return subprocess.call(cmd, cwd=str(tool.parents[1]))
+    if needs_testbed():
+        return run_in_testbed("demo", ["demo", "--cpus", str(args.cpus), "--events", str(args.events)]
+                              + (["--json"] if args.json else []))
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("kvmits demo: /dev/kvm is missing or not accessible: run `kvmits probe`", file=sys.stderr)
         return 2
@@ -142,11 +124,11 @@ def cmd_demo(args) -> int:
         runs[mode] = run_mode(mode, args.cpus, args.events)
     same = compare_runs(runs["kernel"], runs["user"])
     if args.json:
-        json.dump({"emulated": _in_testbed(), "same_lpis": same,
+        json.dump({"emulated": in_testbed(), "same_lpis": same,
                    "kernel": runs["kernel"]["times"], "user": runs["user"]["times"]}, sys.stdout, indent=2)
         print()
     else:
-        print(format_table(runs["kernel"], runs["user"], _in_testbed()))
+        print(format_table(runs["kernel"], runs["user"], in_testbed()))
     return 0 if same else 1
 
 

@@ -1,0 +1,48 @@
+"""Where a sub-command that needs arm64 KVM runs: here on an arm64 host, else inside the arm64
+testbed of the kvmits source tree (tools/testbed), which runs the same command there."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def in_testbed() -> bool:
+    """Are we inside the testbed (arm64 KVM nested in qemu TCG: times are emulated)?"""
+    return os.environ.get("KVMITS_TESTBED") == "1"
+
+
+def needs_testbed() -> bool:
+    """Must arm64 work be sent to the testbed from here?"""
+    return platform.machine() != "aarch64"
+
+
+def testbed_tool() -> Path | None:
+    """tools/testbed of the source tree this kvmits runs from, if it is one."""
+    tool = Path(__file__).resolve().parents[2] / "tools" / "testbed"
+    return tool if tool.is_file() else None
+
+
+def testbed_command(argv: list[str], quiet: bool = True) -> list[str] | None:
+    """The host command that runs `python3 -m kvmits ARGV` in the testbed, or None without one."""
+    tool = testbed_tool()
+    if tool is None:
+        return None
+    return [sys.executable, str(tool), "run", *(["-q"] if quiet else []), "--",
+            "python3", "-m", "kvmits", *argv]
+
+
+def run_in_testbed(name: str, argv: list[str]) -> int:
+    """`kvmits NAME ...` on a non-arm64 host: say so, run `kvmits ARGV` in the testbed with its
+    output passed through, and return its exit status (2 if there is no testbed)."""
+    cmd = testbed_command(argv)
+    if cmd is None:
+        print(f"kvmits {name} needs arm64 KVM; on other hosts it runs in the testbed of a kvmits "
+              "source tree (tools/testbed), which this installation does not have.", file=sys.stderr)
+        return 2
+    print(f"kvmits {name}: this is {platform.machine()}, running in the arm64 testbed "
+          "(builds it on first use: a few minutes) ...", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, cwd=str(Path(cmd[1]).parents[1]))
