@@ -56,7 +56,11 @@ class LpiSink(Protocol):
         """INVALL: re-read the configuration of every LPI of the collection's target."""
 
     def move(self, intid: int, old_target: int, new_target: int) -> None:
-        """MOVI: move the pending state of one LPI to another redistributor."""
+        """The LPI's target becomes `new_target`, its pending state with it: MOVI, and a MAPC
+        (re)mapping a collection that holds the LPI. As KVM does (update_affinity), this comes
+        also when `new_target` is the target the ITE already names: an LPI is one interrupt
+        with one target however many ITEs map it, and MOVALL moves LPIs without changing
+        their ITEs, so the LPI may sit elsewhere until this call."""
 
     def move_all(self, old_target: int, new_target: int) -> None:
         """MOVALL: move the pending state of all LPIs of one redistributor to another."""

@@ -693,11 +693,15 @@ class ItsModel:
             return 0
         old = self._collections.get(icid)
         if old is not None:
-            if old != target:
-                self._collections[icid] = target
-                for _, _, intid in self._members(icid):
+            self._collections[icid] = target
+            for _, _, intid in self._members(icid):
+                # KVM re-applies the collection's target to every LPI it holds, also when the
+                # target is the same (update_affinity_collection): that undoes a MOVALL
+                self.sink.move(intid, old, target)
+                if old != target:
                     self.sink.unmapped(intid, old)
                     self.sink.mapped(intid, target)
+            if old != target:
                 self._mapping_changed("MAPC", icid=icid)
             return 0
         if icid not in self._placeholders and not self._collection_in_table(icid):
@@ -706,6 +710,8 @@ class ItsModel:
         self._collections[icid] = target
         for _, _, intid in self._members(icid):
             self.sink.mapped(intid, target)
+            # an LPI another ITE maps already is one LPI in KVM: the MAPC moves it here too
+            self.sink.move(intid, target, target)
         self._mapping_changed("MAPC", icid=icid)
         return 0
 
@@ -773,12 +779,14 @@ class ItsModel:
         new_target = self._collections.get(icid)
         if new_target is None:
             return C.E_ITS_MOVI_UNMAPPED_COLLECTION
+        # KVM sets the LPI's target whatever it was (update_affinity_ite): also to the vCPU the
+        # ITE already names, which undoes a MOVALL or brings back an LPI another ITE moved
+        self.sink.move(intid, old_target, new_target)
         if icid != old_icid:
             dev.events[eventid] = (intid, icid)
             self._index_remove(old_icid, (devid, eventid))
             self._index_add(icid, (devid, eventid))
             if new_target != old_target:
-                self.sink.move(intid, old_target, new_target)
                 self.sink.unmapped(intid, old_target)
                 self.sink.mapped(intid, new_target)
             self._mapping_changed("MOVI", devid, eventid, icid)

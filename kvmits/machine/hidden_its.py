@@ -7,12 +7,17 @@ never told about, whose tables and command queue live in a VMM-owned memory slot
 programmed through KVM_SET_DEVICE_ATTR(KVM_DEV_ARM_VGIC_GRP_ITS_REGS): a write of GITS_CWRITER
 runs the queued commands before the ioctl returns.
 
-Its mapping, kept equal to what the guest's ITS translates to:
+Its mapping keeps every LPI where the kernel's own ITS would have it. In KVM an LPI is one
+vgic_irq with one target vCPU, however many ITEs map it (vgic-its.c):
 - one *injector* device (DeviceID 0) whose EventID n is LPI 8192 + n;
 - one collection per vCPU: ICID n -> vCPU n (the model hands us targets, not the guest's ICIDs);
-- MAPTI when an LPI becomes mapped, MOVI when its target changes (pending state moves with it,
-  as KVM does for MOVI and for a MAPC re-target), DISCARD when nothing maps it any more;
-  INT/CLEAR/INV/INVALL/MOVALL mirrored as they come.
+- MAPTI when the first ITE maps an LPI, on that ITE's target (a later ITE of the same LPI finds
+  it where it is: vgic_add_lpi returns the existing interrupt); MOVI when the model moves it
+  (MOVI, a MAPC of its collection: KVM's update_affinity, also to an unchanged target); DISCARD
+  when no ITE maps it any more; MOVALL mirrored, and every LPI on the old vCPU noted on the new
+  one, as KVM moves them (without touching their ITEs); INT/CLEAR/INV/INVALL as they come.
+  `mapping()` is therefore where an MSI really goes, which can differ from the model's
+  translation (the ITE's collection) for an LPI shared by ITEs or moved by MOVALL.
 
 Rules the kernel enforces (../shared/notes/lpi-delivery.md, Linux 6.1), and what we do:
 - every attribute access needs all vCPUs out of KVM_RUN (EBUSY otherwise): commands are queued
@@ -78,10 +83,9 @@ class HiddenIts:
         self._cwriter = 0
         self._queue: list[bytes] = []
         self._batching = 0
-        self._target: dict[int, int] = {}       # LPI -> vCPU its hidden ITE points at
+        self._target: dict[int, int] = {}       # LPI -> vCPU KVM has it on (its hidden ITE's, or MOVALL's)
         self._refs: dict[int, int] = {}         # LPI -> number of guest ITEs mapping it
         self._orphans: set[int] = set()         # unmapped in this batch; DISCARD at flush unless re-mapped
-        self._stale: set[int] = set()           # moved by MOVALL: KVM's target differs from the ITE's
         # statistics
         self.kicks = 0
         self.commands = 0
@@ -118,7 +122,6 @@ class HiddenIts:
         self._target.clear()
         self._refs.clear()
         self._orphans.clear()
-        self._stale.clear()
         self.program()
 
     # -- batching ------------------------------------------------------------------------------
@@ -142,7 +145,6 @@ class HiddenIts:
         for intid in sorted(self._orphans):
             self._queue.append(cmd.encode_discard(INJECTOR_DEVID, intid - LPI_BASE))
             self._target.pop(intid, None)
-            self._stale.discard(intid)
         self._orphans.clear()
         done = 0
         slots = CQ_SIZE // 32 - 1                 # a full queue has CWRITER one slot behind CREADR
@@ -195,15 +197,21 @@ class HiddenIts:
 
     def move_all(self, old_target: int, new_target: int) -> None:
         self._emit(cmd.encode_movall(old_target, new_target))
-        # KVM retargets every LPI of the old vCPU (not only the pending ones) but leaves the ITEs'
-        # collections alone: where such an LPI goes no longer follows its ITE, so the next
-        # MOVI/re-map of it must be sent even if the ITE already names the requested vCPU.
-        self._stale.update(intid for intid, t in self._target.items() if t == old_target)
+        # KVM retargets every LPI on the old vCPU (not only the pending ones) but leaves the ITEs'
+        # collections alone: such an LPI no longer goes where its ITE says, until a MOVI or a MAPC
+        # of its collection moves it (move(), also to the ITE's unchanged target)
+        for intid, target in self._target.items():
+            if target == old_target:
+                self._target[intid] = new_target
 
     def mapped(self, intid: int, target: int) -> None:
-        self._refs[intid] = self._refs.get(intid, 0) + 1
+        refs = self._refs.get(intid, 0)
+        self._refs[intid] = refs + 1
         self._orphans.discard(intid)
-        self._align(intid, target)
+        if not refs:
+            # a new LPI starts on its ITE's target; one that another ITE maps stays where it is
+            # (KVM's vgic_add_lpi hands back the existing interrupt, target unchanged)
+            self._align(intid, target)
 
     def unmapped(self, intid: int, target: int) -> None:
         refs = self._refs.get(intid, 0) - 1
@@ -220,9 +228,8 @@ class HiddenIts:
         current = self._target.get(intid)
         if current is None:
             self._emit(cmd.encode_mapti(INJECTOR_DEVID, intid - LPI_BASE, intid, target))
-        elif current != target or intid in self._stale:
+        elif current != target:
             self._emit(cmd.encode_movi(INJECTOR_DEVID, intid - LPI_BASE, target))
-            self._stale.discard(intid)
         else:
             return
         self._target[intid] = target
@@ -233,5 +240,6 @@ class HiddenIts:
         return intid - LPI_BASE
 
     def mapping(self) -> dict[int, int]:
-        """LPI -> vCPU as the hidden ITS has it (after flush())."""
+        """LPI -> the vCPU KVM delivers it to (after flush()): where an MSI translating to it
+        really goes."""
         return dict(self._target)

@@ -92,12 +92,14 @@ def test_mapc_maps_retargets_and_unmaps(h):
     mapped_device(h, icid=2, target=1, events=((0, 8192), (1, 8193)))
     assert h.run(C.encode_mapc(2, 3)) == []
     assert h.its.dump()["collections"] == {2: 3}
-    assert h.sink.calls == [("unmapped", 8192, 1), ("mapped", 8192, 3),
-                            ("unmapped", 8193, 1), ("mapped", 8193, 3)]
+    assert h.sink.calls == [("move", 8192, 1, 3), ("unmapped", 8192, 1), ("mapped", 8192, 3),
+                            ("move", 8193, 1, 3), ("unmapped", 8193, 1), ("mapped", 8193, 3)]
     assert h.its.translate(1, 1).target == 3
     h.sink.clear()
     gen = h.its.generation
-    assert h.run(C.encode_mapc(2, 3)) == [] and h.its.generation == gen   # no change
+    assert h.run(C.encode_mapc(2, 3)) == [] and h.its.generation == gen   # no change to the mappings,
+    assert h.sink.calls == [("move", 8192, 3, 3), ("move", 8193, 3, 3)]   # but KVM re-applies the target
+    h.sink.clear()
     assert h.run(C.encode_mapc(2, 0, valid=False)) == []
     assert h.its.dump()["collections"] == {}
     assert sorted(h.sink.of("unmapped")) == [(8192, 3), (8193, 3)]
@@ -149,7 +151,7 @@ def test_mapc_unmap_keep_revives_on_remap():
     mapped_device(h, icid=2, target=1, events=((0, 8192),))
     assert h.run(C.encode_mapc(2, 0, valid=False), C.encode_mapc(2, 3)) == []
     assert h.its.translate(1, 0)[:3] == (8192, 2, 3)
-    assert h.sink.calls == [("unmapped", 8192, 1), ("mapped", 8192, 3)]
+    assert h.sink.calls == [("unmapped", 8192, 1), ("mapped", 8192, 3), ("move", 8192, 3, 3)]
 
 
 # -- MAPTI / MAPI --------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def test_movi_to_a_collection_on_the_same_target(h):
     mapped_device(h, icid=0, target=1, events=((0, 8192),))
     gen = h.its.generation
     assert h.run(C.encode_mapc(1, 1), C.encode_movi(1, 0, 1)) == []
-    assert h.sink.calls == [] and h.its.translate(1, 0).icid == 1
+    assert h.sink.calls == [("move", 8192, 1, 1)] and h.its.translate(1, 0).icid == 1
     assert h.its.generation == gen + 2
 
 
