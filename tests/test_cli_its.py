@@ -51,9 +51,35 @@ def test_translate_over_the_control_socket(served, capsys):
     assert capsys.readouterr().out == f"{name} DeviceID 0x4 EventID 1 -> LPI 8192 on vCPU 1 (collection 0)\n"
     assert main(["its", "translate", "0x4", "3", "--connect", path, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["its"] == {kind: {"intid": -1, "icid": -1, "vcpu": -1, "reason": "no-ite"}}
+    assert out["its"] == {kind: {"intid": -1, "icid": -1, "vcpu": -1, "reason": "no-ite", "shared_with": [],
+                                 "lpi_vcpu": None}}
     assert main(["its", "translate", "9", "0", "--connect", path]) == 0
     assert "-> no LPI: device-unmapped (no MAPD for this DeviceID)" in capsys.readouterr().out
+
+
+def test_a_shared_lpi_is_pointed_out(tmp_path, capsys):
+    from kvmits.its import commands as C
+    from tests.its.ramfake import itt
+
+    h = mapped_harness()
+    h.run(C.encode_mapc(2, 2), C.encode_mapd(7, itt(7), 2), C.encode_mapti(7, 3, 8192, 2))   # LPI 8192 again
+    path = str(tmp_path / "vm.sock")
+    with ControlServer(path, machine_handlers(fake_machine(h, "kernel"))):
+        assert main(["its", "translate", "7", "3", "--connect", path]) == 0
+    line, note = capsys.readouterr().out.splitlines()
+    assert line.endswith("-> LPI 8192 on vCPU 2 (collection 2)")
+    assert "also mapped by DeviceID/EventID 0x4/1; KVM keeps one target per LPI" in note
+
+
+def test_an_lpi_kvm_has_elsewhere_is_pointed_out(tmp_path, capsys):
+    machine = fake_machine(mapped_harness(), "user")
+    machine.user_its.engine.mapping = lambda: {8192: 2}           # as after a MOVALL 1 -> 2
+    path = str(tmp_path / "vm.sock")
+    with ControlServer(path, machine_handlers(machine)):
+        assert main(["its", "translate", "4", "1", "--connect", path]) == 0
+    line, note = capsys.readouterr().out.splitlines()
+    assert line.endswith("-> LPI 8192 on vCPU 1 (collection 0)")
+    assert "KVM has LPI 8192 on vCPU 2 (MOVALL, or another ITE of it): the MSI is delivered there" in note
 
 
 def test_connect_failures_are_clear(tmp_path, capsys):

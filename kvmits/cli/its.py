@@ -153,7 +153,15 @@ def cmd_dump(args) -> int:
 def format_translation(its: str, devid: int, eventid: int, t: dict) -> str:
     head = f"{'kernel ITS' if its == 'kernel' else 'userspace ITS':14s} DeviceID {devid:#x} EventID {eventid}"
     if t["reason"] == "translated":
-        return f"{head} -> LPI {t['intid']} on vCPU {t['vcpu']} (collection {t['icid']})"
+        line = f"{head} -> LPI {t['intid']} on vCPU {t['vcpu']} (collection {t['icid']})"
+        if t.get("shared_with"):
+            others = ", ".join(f"{d:#x}/{e}" for d, e in t["shared_with"])
+            line += (f"\n{'':14s} note: LPI {t['intid']} is also mapped by DeviceID/EventID {others}; KVM keeps "
+                     "one target per LPI, so the MSI goes where that LPI was last mapped or moved")
+        if t.get("lpi_vcpu") is not None and t["lpi_vcpu"] != t["vcpu"]:
+            line += (f"\n{'':14s} note: KVM has LPI {t['intid']} on vCPU {t['lpi_vcpu']} (MOVALL, or another "
+                     f"ITE of it): the MSI is delivered there, not to vCPU {t['vcpu']}")
+        return line
     return f"{head} -> no LPI: {t['reason']} ({REASONS.get(t['reason'], '?')})"
 
 
@@ -170,8 +178,6 @@ def translations_agree(results: dict) -> tuple[bool, str | None]:
 
 
 def cmd_translate(args) -> int:
-    from kvmits.its.query import translation_to_json
-
     if args.connect:
         from kvmits.machine.control import request
 
@@ -181,7 +187,9 @@ def cmd_translate(args) -> int:
         def query(lab):
             from kvmits.machine import its_query
 
-            return translation_to_json(its_query.translate(lab.machine, args.devid, args.eventid))
+            t = its_query.translate_json(lab.machine, args.devid, args.eventid)
+            del t["its"]
+            return t
 
         results = collect(args, _modes(args), query)
     agree, note = translations_agree(results) if len(results) == 2 else (None, None)

@@ -62,6 +62,14 @@ class ItsSnapshot(NamedTuple):
             return Translation(-1, -1, -1, MISS_COLLECTION_UNMAPPED)
         return Translation(ite["intid"], ite["icid"], target, TRANSLATED)
 
+    def lpi_users(self, intid: int) -> list[tuple[int, int]]:
+        """(DeviceID, EventID) of every ITE that maps LPI `intid`. KVM keeps one vgic_irq, so
+        one target vCPU, per LPI number: when several ITEs map the same LPI with different
+        collections, an MSI on any of them is delivered where the LPI's last MAPTI/MOVI/MAPC
+        pointed it, which need not be its own ITE's collection."""
+        return [(devid, eventid) for devid, dev in self.dump["devices"].items()
+                for eventid, ite in dev["events"].items() if ite["intid"] == intid]
+
     def same_state(self, other: ItsSnapshot) -> bool:
         """The same mappings (devices, events, collections, untargeted collections, Enabled),
         whichever ITS each came from. Orphans are not compared: the kernel's are invisible."""

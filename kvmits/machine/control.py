@@ -152,7 +152,6 @@ def request(path: str, cmd: str, timeout: float = 120.0, **args) -> object:
 
 def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
     """What `kvmits run --control` answers about its machine."""
-    from kvmits.its.query import translation_to_json
     from kvmits.machine import its_query
 
     def its_dump(_req: dict) -> dict:
@@ -163,8 +162,7 @@ def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
         for name, value in (("devid", devid), ("eventid", eventid)):
             if not isinstance(value, int) or not 0 <= value < 1 << 32:
                 raise ValueError(f"{name} must be an integer in 0..2**32-1, not {value!r}")
-        result = translation_to_json(its_query.translate(machine, devid, eventid))
-        return dict(result, its=its_query.its_kind(machine))
+        return its_query.translate_json(machine, devid, eventid)
 
     def info(_req: dict) -> dict:
         kind = its_query.its_kind(machine) if (machine.its or machine.user_its) else None

@@ -16,7 +16,7 @@ from kvmits.errors import KvmitsError
 from kvmits.gic.regs import GITS_BASER, GITS_CTLR
 from kvmits.its import abi
 from kvmits.its.model import Translation
-from kvmits.its.query import SOURCE_SAVE_TABLES, ItsSnapshot, model_snapshot
+from kvmits.its.query import SOURCE_SAVE_TABLES, ItsSnapshot, model_snapshot, translation_to_json
 
 GITS_CTLR_ENABLED = 1
 
@@ -74,3 +74,23 @@ def translate(machine, devid: int, eventid: int) -> Translation:
         with machine.user_its.frame.lock:
             return machine.user_its.model.translate(devid, eventid)
     return snapshot(machine).translate(devid, eventid)
+
+
+def translate_json(machine, devid: int, eventid: int) -> dict:
+    """translate() as `kvmits its translate` reports it: the Translation as JSON, which ITS
+    answered ("its"), the other (DeviceID, EventID) mapping the same LPI ("shared_with"), and
+    the vCPU KVM has that LPI on ("lpi_vcpu"). KVM keeps one target per LPI: set by the first
+    ITE that maps it, by MOVI and MAPC, and moved by MOVALL without its ITEs, so an MSI can
+    reach another vCPU than its translation names (ItsSnapshot.lpi_users). The userspace ITS's
+    hidden ITS tracks it (HiddenIts.mapping); for the kernel's ITS no interface reads it: None."""
+    snap = snapshot(machine)
+    lpi_vcpu = None
+    if snap.its == "user":
+        with machine.user_its.frame.lock:
+            result = machine.user_its.model.translate(devid, eventid)
+            if result.ok:
+                lpi_vcpu = machine.user_its.engine.mapping().get(result.intid)
+    else:
+        result = snap.translate(devid, eventid)
+    shared = [[d, e] for d, e in snap.lpi_users(result.intid) if (d, e) != (devid, eventid)] if result.ok else []
+    return dict(translation_to_json(result), its=snap.its, shared_with=shared, lpi_vcpu=lpi_vcpu)

@@ -57,7 +57,9 @@ def fake_machine(h: Harness, kind: str):
 
     m = SimpleNamespace(config=SimpleNamespace(cpus=3), ram=h.ram, paused=pause, its=None, user_its=None)
     if kind == "user":
-        m.user_its = SimpleNamespace(model=h.its, frame=SimpleNamespace(lock=threading.Lock()))
+        # the hidden ITS's LPI -> vCPU: here simply each live ITE's target
+        engine = SimpleNamespace(mapping=lambda: {i: t for _, _, i, _, t in h.its.live_mappings()})
+        m.user_its = SimpleNamespace(model=h.its, frame=SimpleNamespace(lock=threading.Lock()), engine=engine)
     elif kind == "kernel":
         m.its = FakeKernelIts(h.its, paused)
     return m

@@ -98,7 +98,8 @@ def test_the_machine_handlers_over_the_socket(sock_path, kind):
         snap = ItsSnapshot.from_json(request(sock_path, "its-dump"))
         assert snap.its == kind and snap.same_state(model_snapshot(h.its))
         assert request(sock_path, "its-translate", devid=4, eventid=1) == {
-            "intid": 8192, "icid": 0, "vcpu": 1, "reason": "translated", "its": kind}
+            "intid": 8192, "icid": 0, "vcpu": 1, "reason": "translated", "its": kind, "shared_with": [],
+            "lpi_vcpu": 1 if kind == "user" else None}
         assert request(sock_path, "info")["its"] == kind
         for bad in ({"devid": -1, "eventid": 0}, {"devid": 0, "eventid": "1"}, {"devid": 1 << 32, "eventid": 0}):
             with pytest.raises(ControlError, match="must be an integer"):
