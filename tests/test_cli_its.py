@@ -110,13 +110,13 @@ def test_non_arm64_hosts_hand_over_to_the_testbed(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr("kvmits.cli.testbed.subprocess.call", lambda cmd, cwd: calls.append(cmd) or 0)
     program = tmp_path / "p.its"
     program.write_text("MAPD 1 2\nMAPTI 1 0 8192 0\n")
-    assert main(["its", "translate", "1", "0", "--program", str(program), "--its", "user", "--json"]) == 0
+    assert main(["its", "translate", "1", "0", "--program", str(program), "--its", "user", "--json", "--send"]) == 0
     (cmd,) = calls
     assert cmd[2:5] == ["run", "-q", "--"] and cmd[5:8] == ["python3", "-m", "kvmits"]
     argv = cmd[8:]
     # the file is read here: the testbed sees only the source tree
     assert argv[argv.index("--program-text") + 1] == program.read_text()
-    assert argv[:4] == ["its", "translate", "1", "0"] and "--json" in argv and "user" in argv
+    assert argv[:4] == ["its", "translate", "1", "0"] and "--json" in argv and "user" in argv and "--send" in argv
     assert "running in the arm64 testbed" in capsys.readouterr().err
 
 
@@ -128,3 +128,17 @@ def test_a_bad_program_fails_before_any_vm(monkeypatch, tmp_path, capsys):
     assert f"{program}:2: MAPTI takes 4 arguments, got 2" in capsys.readouterr().err
     assert main(["its", "dump", "--program", str(tmp_path / "missing.its")]) == 2
     assert main(["its", "dump", "--program", "seed:many"]) == 2
+
+
+def test_what_send_reports():
+    t = {"intid": 8193, "icid": 3, "vcpu": 3, "reason": "translated", "shared_with": [], "lpi_vcpu": None,
+         "delivered": {"accepted": 1, "taken": [[1, 8193]]}}
+    assert cli_its.format_translation("kernel", 0x42, 1, t).splitlines()[-1].split(maxsplit=1)[1] == (
+        "signal_msi returned 1; the guest took LPI 8193 on vCPU 1")
+    miss = {"intid": -1, "icid": -1, "vcpu": -1, "reason": "no-ite", "delivered": {"accepted": 0, "taken": []}}
+    assert cli_its.format_translation("user", 0x42, 2, miss).endswith("signal_msi returned 0; the guest took nothing")
+
+
+def test_send_is_refused_with_connect(capsys):
+    assert main(["its", "translate", "1", "0", "--connect", "/nonexistent", "--send"]) == 2
+    assert "--send needs a VM this command boots" in capsys.readouterr().err

@@ -161,8 +161,37 @@ def format_translation(its: str, devid: int, eventid: int, t: dict) -> str:
         if t.get("lpi_vcpu") is not None and t["lpi_vcpu"] != t["vcpu"]:
             line += (f"\n{'':14s} note: KVM has LPI {t['intid']} on vCPU {t['lpi_vcpu']} (MOVALL, or another "
                      f"ITE of it): the MSI is delivered there, not to vCPU {t['vcpu']}")
-        return line
-    return f"{head} -> no LPI: {t['reason']} ({REASONS.get(t['reason'], '?')})"
+    else:
+        line = f"{head} -> no LPI: {t['reason']} ({REASONS.get(t['reason'], '?')})"
+    if "delivered" in t:
+        d = t["delivered"]
+        taken = ", ".join(f"LPI {i} on vCPU {c}" for c, i in d["taken"]) or "nothing"
+        line += f"\n{'':14s} sent: signal_msi returned {d['accepted']}; the guest took {taken}"
+    return line
+
+
+#: how long `--send` waits for the guest to report the LPI (the testbed is slow)
+SEND_WAIT = 2.0
+
+
+def send_and_watch(lab, devid: int, eventid: int) -> dict:
+    """Send the MSI (Machine.signal_msi: KVM_SIGNAL_MSI, through the model's slow path for the
+    userspace ITS) and report what the guest took: {"accepted": 1 or 0 (did not translate),
+    "taken": [[vCPU, LPI], ...]}."""
+    import time
+
+    time.sleep(0.2)                          # LPIs the program's INT commands raised
+    lab.agent.take_irqs()
+    from kvmits.machine.agent import AgentTimeout
+
+    accepted = lab.msi(devid, eventid)
+    try:
+        got = lab.agent.wait_irqs(1, SEND_WAIT)
+    except AgentTimeout as exc:
+        got = exc.irqs
+    time.sleep(0.3)                          # anything else it raised
+    got += lab.agent.take_irqs()
+    return {"accepted": accepted, "taken": [[cpu, intid] for cpu, intid, _ in got]}
 
 
 def translations_agree(results: dict) -> tuple[bool, str | None]:
@@ -189,6 +218,8 @@ def cmd_translate(args) -> int:
 
             t = its_query.translate_json(lab.machine, args.devid, args.eventid)
             del t["its"]
+            if args.send:
+                t["delivered"] = send_and_watch(lab, args.devid, args.eventid)
             return t
 
         results = collect(args, _modes(args), query)
@@ -218,6 +249,8 @@ def _testbed_argv(args) -> list[str]:
     if args.action == "translate":
         argv += [str(args.devid), str(args.eventid)]
     argv += ["--its", args.its, "--cpus", str(args.cpus), "--events", str(args.events), "--program", args.program]
+    if getattr(args, "send", False):
+        argv.append("--send")
     text = args.program_text
     if text is None and args.program != "demo" and not args.program.startswith("seed:"):
         with open(args.program, encoding="utf-8") as f:
@@ -231,6 +264,10 @@ def cmd_its(args) -> int:
     from kvmits.errors import KvmitsError
     from kvmits.machine.its_program import ProgramError
 
+    if getattr(args, "send", False) and args.connect:
+        print("kvmits its: --send needs a VM this command boots (it watches the guest agent), not --connect",
+              file=sys.stderr)
+        return 2
     try:
         if not args.connect:
             load_program(args)                      # a bad program fails here, before any VM
@@ -272,5 +309,8 @@ def register(sub) -> None:
         a.add_argument("--program-text", help=argparse.SUPPRESS)
         a.add_argument("--cpus", type=_positive_int, default=4, help="vCPUs (default: %(default)s)")
         a.add_argument("--events", type=_positive_int, default=16, help="events of the demo program (default: %(default)s)")
+        if name == "translate":
+            a.add_argument("--send", action="store_true",
+                           help="without --connect: then send the MSI and report which vCPU the guest took the LPI on")
         a.add_argument("--json", action="store_true", help="machine-readable output")
         a.set_defaults(func=cmd_its)

@@ -144,6 +144,20 @@ def test_cli_dump_both_modes(arm64_kvm):
     assert kernel["devices"] == user["devices"] and kernel["devices"]
 
 
+def test_cli_translate_send_shows_movall_at_work(arm64_kvm):
+    """The walk-through program's MOVALL 3 1: event 1 translates to vCPU 3, and both ITSes
+    deliver its LPI to vCPU 1, as the userspace ITS's note says."""
+    out = _kvmits("its", "translate", "0x42", "1", "--program", str(ROOT / "examples/its/walkthrough.its"),
+                  "--send", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["agree"] is True
+    for mode, t in result["its"].items():
+        assert (t["intid"], t["vcpu"]) == (8193, 3), mode
+        assert t["delivered"] == {"accepted": 1, "taken": [[1, 8193]]}, mode
+    assert result["its"]["user"]["lpi_vcpu"] == 1 and result["its"]["kernel"]["lpi_vcpu"] is None
+
+
 def test_cli_translate_both_modes(arm64_kvm, tmp_path):
     # the demo program: event 3 -> LPI 8195, collection 3 % 2 = 1, then MOVI to collection 0
     out = _kvmits("its", "translate", "0x42", "3", "--cpus", "2")

@@ -23,7 +23,7 @@ from .log import clock, info, since
 SRC_DIR = f"{JOB_DIR}/src"
 # What of the source tree the guest gets: tracked and untracked-but-not-ignored files under
 # these paths, as git sees them, so the guest runs exactly what the developer is editing.
-JOB_PATHS = ("kvmits", "include", "tests", "tools", "benchmarks", "pyproject.toml")
+JOB_PATHS = ("kvmits", "include", "tests", "tools", "benchmarks", "examples", "pyproject.toml")
 # Built arm64 guest programs (ignored by git, made by `make -C guests`).
 GUEST_BUILD = "guests/build"
 # Skipped when the tree is not a git work tree and is walked instead.
