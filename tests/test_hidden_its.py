@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmits.gic import regs
-from kvmits.its import commands as cmd
 from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
+from kvmits.its import commands as cmd
 from kvmits.kvm import GuestMemory
 from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
@@ -322,74 +323,71 @@ def test_random_command_streams_keep_the_hidden_its_in_step(ops):
         rig.close()
 
 
-def test_movi_after_movall_is_always_sent():
-    """KVM's MOVALL retargets the LPIs but not their ITEs: a later MOVI back to the ITE's own
-    collection must still reach the hidden ITS, or the LPI would stay where MOVALL put it."""
+@pytest.fixture
+def watched():
+    """A Rig, and the names of the commands its hidden ITS runs, as they run."""
     rig = Rig()
+    sent = []
+    rig.kernel.model.command_observers.append(lambda rec: sent.append(rec.name))
     try:
-        sent = []
-        rig.kernel.model.command_observers.append(lambda rec: sent.append(rec.name))
-        rig.its.mapd(3, 1)
-        rig.its.mapti(3, 0, 8500, 1)
-        rig.its.movall(1, 2)
-        assert "MOVALL" in sent
-        sent.clear()
-        # in one batch the guest unmaps the LPI and maps it again on collection 1: the hidden ITE
-        # already names vCPU 1, but KVM's LPI sits on vCPU 2 since the MOVALL
-        rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
-        assert sent == ["CLEAR", "MOVI"]         # DISCARD drops the pending state; the ITE stays, retargeted
-        sent.clear()
-        rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
-        assert sent == ["CLEAR"]                 # now both agree: no MOVI
+        yield rig, sent
     finally:
         rig.close()
 
 
-def test_a_shared_lpi_stays_where_its_first_ite_put_it():
+def test_movi_after_movall_is_always_sent(watched):
+    """KVM's MOVALL retargets the LPIs but not their ITEs: a later MOVI back to the ITE's own
+    collection must still reach the hidden ITS, or the LPI would stay where MOVALL put it."""
+    rig, sent = watched
+    rig.its.mapd(3, 1)
+    rig.its.mapti(3, 0, 8500, 1)
+    rig.its.movall(1, 2)
+    assert "MOVALL" in sent
+    sent.clear()
+    # in one batch the guest unmaps the LPI and maps it again on collection 1: the hidden ITE
+    # already names vCPU 1, but KVM's LPI sits on vCPU 2 since the MOVALL
+    rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
+    assert sent == ["CLEAR", "MOVI"]         # DISCARD drops the pending state; the ITE stays, retargeted
+    sent.clear()
+    rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
+    assert sent == ["CLEAR"]                 # now both agree: no MOVI
+
+
+def test_a_shared_lpi_stays_where_its_first_ite_put_it(watched):
     """In KVM an LPI is one interrupt with one target: a second ITE mapping it finds it where it
     is (vgic_add_lpi returns the existing one); a MOVI of either ITE moves it; it goes only when
     the last ITE does. mapping() is where an MSI really lands, not the ITE's translation."""
-    rig = Rig()
-    try:
-        sent = []
-        rig.kernel.model.command_observers.append(lambda rec: sent.append(rec.name))
-        rig.its.mapd(5, 2)
-        rig.its.mapti(5, 0, 8500, 1)
-        sent.clear()
-        rig.its.mapti(5, 1, 8500, 2)
-        assert sent == [] and rig.engine.mapping() == {8500: 1}
-        assert rig.model.translate(5, 1).target == 2          # the translation says vCPU 2 ...
-        rig.kernel.sink.calls.clear()
-        assert rig.model.signal_msi(5, 1)
-        assert rig.kernel.sink.of("set_pending") == [(8500, 1)]   # ... the LPI is on vCPU 1
-        rig.its.movi(5, 1, 3)
-        assert sent == ["MOVI"] and rig.engine.mapping() == {8500: 3}
-        rig.its.discard(5, 1)
-        assert rig.engine.mapping() == {8500: 3}                # ITE (5, 0) still maps it
-        rig.its.discard(5, 0)
-        assert rig.engine.mapping() == {}
-        assert rig.kernel.model.error_counts == {}
-    finally:
-        rig.close()
+    rig, sent = watched
+    rig.its.mapd(5, 2)
+    rig.its.mapti(5, 0, 8500, 1)
+    sent.clear()
+    rig.its.mapti(5, 1, 8500, 2)
+    assert sent == [] and rig.engine.mapping() == {8500: 1}
+    assert rig.model.translate(5, 1).target == 2          # the translation says vCPU 2 ...
+    rig.kernel.sink.calls.clear()
+    assert rig.model.signal_msi(5, 1)
+    assert rig.kernel.sink.of("set_pending") == [(8500, 1)]   # ... the LPI is on vCPU 1
+    rig.its.movi(5, 1, 3)
+    assert sent == ["MOVI"] and rig.engine.mapping() == {8500: 3}
+    rig.its.discard(5, 1)
+    assert rig.engine.mapping() == {8500: 3}                # ITE (5, 0) still maps it
+    rig.its.discard(5, 0)
+    assert rig.engine.mapping() == {}
+    assert rig.kernel.model.error_counts == {}
 
 
-def test_a_mapc_to_the_same_target_undoes_a_movall():
+def test_a_mapc_to_the_same_target_undoes_a_movall(watched):
     """MOVALL moves LPIs, not ITEs; KVM's MAPC re-applies the collection's target to its LPIs
     even when the target does not change (update_affinity_collection), and so does MOVI."""
-    rig = Rig()
-    try:
-        sent = []
-        rig.kernel.model.command_observers.append(lambda rec: sent.append(rec.name))
-        rig.its.mapd(5, 2)
-        rig.its.mapti(5, 0, 8500, 1)
-        rig.its.mapti(5, 1, 8501, 1)
-        rig.its.movall(1, 2)
-        assert rig.engine.mapping() == {8500: 2, 8501: 2}
-        sent.clear()
-        rig.its.mapc(1, 1)
-        assert sent.count("MOVI") == 2 and rig.engine.mapping() == {8500: 1, 8501: 1}
-        rig.its.movall(1, 0)
-        rig.its.movi(5, 1, 1)                    # the same collection: the LPI still comes back
-        assert rig.engine.mapping() == {8500: 0, 8501: 1}
-    finally:
-        rig.close()
+    rig, sent = watched
+    rig.its.mapd(5, 2)
+    rig.its.mapti(5, 0, 8500, 1)
+    rig.its.mapti(5, 1, 8501, 1)
+    rig.its.movall(1, 2)
+    assert rig.engine.mapping() == {8500: 2, 8501: 2}
+    sent.clear()
+    rig.its.mapc(1, 1)
+    assert sent.count("MOVI") == 2 and rig.engine.mapping() == {8500: 1, 8501: 1}
+    rig.its.movall(1, 0)
+    rig.its.movi(5, 1, 1)                    # the same collection: the LPI still comes back
+    assert rig.engine.mapping() == {8500: 0, 8501: 1}

@@ -2,7 +2,8 @@
 
 Exit status: 0 the guest powered off (PSCI SYSTEM_OFF); 3 it asked for a reset (SYSTEM_RESET:
 the VM ends, it is not rebooted); 4 a crash or other system event; 1 the VMM failed (a vCPU
-thread's error, printed); 2 a bad command line or image; 124 --timeout expired; 130 Ctrl-C.
+thread's error, printed); 2 a bad command line or image; 124 --timeout expired; 130 Ctrl-C;
+143 SIGTERM.
 Standard input is fed to the UART's receive side as it arrives (a terminal stays in its
 normal line mode).
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import signal
 import sys
 import threading
 
@@ -23,6 +25,7 @@ EXIT_VMM_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143       # 128 + SIGTERM, as a shell reports a process SIGTERM killed
 DEFAULT_APPEND = "console=ttyAMA0 earlycon"
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -53,7 +56,7 @@ def register(subparsers) -> None:
         description="Boot IMAGE (a raw arm64 program or a Linux Image) in an arm64 KVM VM with the in-kernel "
                     "vGICv3 (and ITS). The PL011 console goes to stdout, stdin to the UART. Exit status: 0 guest "
                     "powered off, 3 guest reset, 4 guest crash, 1 VMM error, 2 bad arguments, 124 timeout, "
-                    "130 interrupted.")
+                    "130 interrupted, 143 terminated (SIGTERM).")
     p.add_argument("image", help="guest image file")
     p.add_argument("--cpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
     p.add_argument("--mem", type=parse_size, default=128 << 20, metavar="SIZE",
@@ -88,12 +91,32 @@ def _feed_stdin(uart) -> None:
             return
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop the guest and clean up (control socket, VM) like Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def run(args) -> int:
-    from kvmits.errors import KvmitsError
-    from kvmits.machine import Machine, MachineConfig, install_kick_handler
-    from kvmits.machine.loader import ImageError
+    from kvmits.machine import install_kick_handler
 
     install_kick_handler()
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)                       # (signal handlers belong to the main thread)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    from kvmits.errors import KvmitsError
+    from kvmits.machine import Machine, MachineConfig
+    from kvmits.machine.loader import ImageError
+
     try:
         config = MachineConfig(cpus=args.cpus, mem_size=args.mem, its=None if args.its == "none" else args.its,
                                agent=args.agent)
@@ -149,6 +172,11 @@ def _run_until_exit(machine, args, console) -> int:
         console.flush()
         print("\nkvmits run: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        machine.stop()
+        console.flush()
+        print("\nkvmits run: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:     # a vCPU thread's failure: report it, exit 1
         console.flush()
         log.debug("vCPU failure", exc_info=True)
