@@ -327,10 +327,13 @@ class AgentDevice:
 
     def __init__(self, gicd_base: int, gicr_base: Callable[[int], int] | None = None,
                  kick: Callable[[int], None] | None = None, *, idle_us: int = DEFAULT_IDLE_US,
-                 on_panic: Callable[[AgentPanic], None] | None = None):
+                 on_panic: Callable[[AgentPanic], None] | None = None,
+                 describe_cpu: Callable[[int], str] | None = None):
         self.gicd_base = gicd_base
         self._gicr_base = gicr_base
         self._kick = kick
+        #: what the VMM knows of a vCPU (its thread's state), added to a request's timeout
+        self.describe_cpu = describe_cpu
         self.idle_us = idle_us
         self.on_panic = on_panic
         self._cpus: list[_Cpu] = []
@@ -528,7 +531,12 @@ class AgentDevice:
     def call(self, cpu: int, op: int, *args: int, timeout: float | None = DEFAULT_TIMEOUT) -> int:
         """Post a request to vCPU `cpu` and wait for its result (AgentTimeout, AgentRequestFailed,
         AgentPanic, AgentStopped otherwise)."""
-        return self.post(cpu, op, *args).wait(timeout)
+        try:
+            return self.post(cpu, op, *args).wait(timeout)
+        except AgentTimeout as exc:
+            if self.describe_cpu is not None:
+                exc.add_note(f"vCPU {cpu} at the timeout: {self.describe_cpu(cpu)}")
+            raise
 
     def client(self, cpu: int) -> AgentClient:
         """Loads and stores performed by vCPU `cpu` (kvmits.machine.guest_driver.GuestAccess)."""

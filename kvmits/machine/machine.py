@@ -132,7 +132,8 @@ class Machine:
         if self.config.agent:
             from kvmits.machine.agent import AgentDevice   # imported only when asked for
             # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
-            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic)
+            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic,
+                                     describe_cpu=lambda cpu: self.runner.describe(cpu))
             self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
         self.runner = VcpuRunner(self.vcpus, self.bus)
         if self.user_its is not None:

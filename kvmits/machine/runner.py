@@ -183,6 +183,13 @@ class VcpuRunner:
     def states(self) -> list[str]:
         return [STATE_NAMES[s] for s in self._states]
 
+    def describe(self, cpu: int) -> str:
+        """vCPU `cpu`'s thread as the runner sees it, for error messages."""
+        ended = "" if self._error is None and self._result is None else \
+            f", the VM ended ({self._error!r})" if self._error is not None else f", the VM ended ({self._result.reason})"
+        return (f"thread {STATE_NAMES[self._states[cpu]]}, {self.interrupts[cpu]} KVM_RUN returns by a signal, "
+                f"pause depth {self._pause_depth}{ended}")
+
     def on_vcpu_thread(self) -> bool:
         me = threading.current_thread()
         return any(t is me for t in self._threads)

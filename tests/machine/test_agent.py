@@ -272,6 +272,13 @@ def test_timeout_names_the_op_and_vcpu_and_withdraws_the_request(rig):
     assert rig.dev.mmio_read(3, A.MB_REQ, 8) == Op.WAIT   # the guest never sees the withdrawn request
 
 
+def test_timeout_says_what_the_vmm_knows_of_the_vcpu():
+    rig = Rig(describe_cpu=lambda cpu: f"thread IN_RUN (vCPU {cpu})")
+    with pytest.raises(AgentTimeout) as e:
+        rig.dev.read(2, 0x0800_0004, 4, timeout=0.05)
+    assert e.value.__notes__ == ["vCPU 2 at the timeout: thread IN_RUN (vCPU 2)"]
+
+
 def test_timeout_of_a_request_taken_and_never_answered(rig):
     f = rig.boot(0, answer=False)
     with pytest.raises(AgentTimeout, match="never answered"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -70,6 +71,15 @@ def test_system_event_ends_the_vm_and_kicks_the_others(kicks, type_, reason, sta
     assert result == MachineExit(reason, status, 1, type_, 0)
     assert runner.states() == ["EXITED"] * 3
     assert not runner.running
+
+
+def test_describe_a_vcpu_for_error_messages(kicks):
+    runner, _ = make(kicks, [[], [event(uapi.KVM_SYSTEM_EVENT_SHUTDOWN)]])
+    runner.start()
+    runner.wait(TIMEOUT)
+    # (vCPU 0 may or may not have entered KVM_RUN before the VM ended)
+    assert re.fullmatch(r"thread EXITED, [01] KVM_RUN returns by a signal, pause depth 0, the VM ended \(poweroff\)",
+                        runner.describe(0))
 
 
 def test_mmio_goes_to_the_bus_with_the_vcpu_index(kicks):
