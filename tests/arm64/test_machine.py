@@ -147,8 +147,11 @@ class ReportDevice:
             self.cond.notify_all()
 
     def wait_online(self, n, timeout):
+        """n secondaries reported, and the boot vCPU reported n CPU_ON results (a secondary can
+        come up before the boot vCPU's CPU_ON call has returned and been reported)."""
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.online) >= n, timeout), self.online
+            assert self.cond.wait_for(lambda: len(self.online) >= n and len(self.cpu_on_results) >= n,
+                                      timeout), (self.online, self.cpu_on_results)
 
 
 @pytest.mark.parametrize("psci, reason, status", [(PSCI_SYSTEM_OFF, "poweroff", 0), (PSCI_SYSTEM_RESET, "reset", 3)],
