@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from kvmits.bench import ITS_MODES, SCHEMA_VERSION
-from kvmits.cli.testbed import in_testbed, testbed_command
+from kvmits.cli.testbed import SOURCE_ROOT, in_testbed, testbed_command
 
 # targets of issue 6 (reported, never asserted)
 TARGET_IRQFD = 0.9          # userspace irqfd throughput / kernel irqfd throughput, at least
@@ -81,7 +81,7 @@ def testbed_run(args) -> dict:
     if why:
         _progress(f"no C floor for the testbed ({why})")
     _progress("running in the arm64 testbed (builds it on first use: a few minutes)")
-    proc = subprocess.run(cmd, cwd=str(Path(cmd[1]).parents[1]), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(cmd, cwd=SOURCE_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                           text=True, check=False)
     try:
         result = json.loads(proc.stdout[proc.stdout.index("{"):])

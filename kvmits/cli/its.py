@@ -50,8 +50,6 @@ def load_program(args):
     from kvmits.machine import differential
     from kvmits.machine.its_program import ProgramError, demo_program, parse_program
 
-    if args.program_text is not None:
-        return parse_program(args.program_text, args.program)
     spec = args.program
     if spec == "demo":
         return demo_program(args.cpus, args.events)
@@ -61,19 +59,20 @@ def load_program(args):
         except ValueError:
             raise ProgramError(f"--program seed:N needs an integer N, not {spec[5:]!r}") from None
         return differential.generate_program(seed, differential.LENGTH, args.cpus)
-    with open(spec, encoding="utf-8") as f:
-        return parse_program(f.read(), spec)
+    if args.program_text is None:           # a file: read once, passed on as text (testbed)
+        with open(spec, encoding="utf-8") as f:
+            args.program_text = f.read()
+    return parse_program(args.program_text, spec)
 
 
-def collect(args, modes, query):
-    """Boot a lab per mode, set the guest's ITS up, run the program, and return
-    {mode: query(lab)}."""
+def collect(args, batches, query):
+    """Boot a lab per mode of --its, set the guest's ITS up, run the program `batches`, and
+    return {mode: query(lab)}."""
     from kvmits.machine.its_lab import ItsLab
     from kvmits.machine.its_program import ProgramRunner
 
-    batches = load_program(args)
     out = {}
-    for mode in modes:
+    for mode in MODES if args.its == "both" else (args.its,):
         print(f"kvmits its: {mode} ITS, {args.cpus} vCPUs, program {args.program} "
               f"({sum(map(len, batches))} commands) ...", file=sys.stderr, flush=True)
         with ItsLab(cpus=args.cpus, its=mode) as lab:
@@ -122,7 +121,7 @@ def snapshot_differences(kernel, user) -> list[str]:
     return diffs
 
 
-def cmd_dump(args) -> int:
+def cmd_dump(args, batches) -> int:
     from kvmits.its.query import ItsSnapshot
 
     if args.connect:
@@ -132,7 +131,7 @@ def cmd_dump(args) -> int:
         snap = ItsSnapshot.from_json(request(args.connect, "its-dump"))
         snaps[snap.its] = snap
     else:
-        snaps = collect(args, _modes(args), lambda lab: lab.snapshot())
+        snaps = collect(args, batches, lambda lab: lab.snapshot())
     diffs = snapshot_differences(snaps["kernel"], snaps["user"]) if len(snaps) == 2 else None
     if args.json:
         out = {"emulated": in_testbed(), "its": {m: s.to_json() for m, s in snaps.items()}}
@@ -180,10 +179,10 @@ def send_and_watch(lab, devid: int, eventid: int) -> dict:
     "taken": [[vCPU, LPI], ...]}."""
     import time
 
-    time.sleep(0.2)                          # LPIs the program's INT commands raised
-    lab.agent.take_irqs()
     from kvmits.machine.agent import AgentTimeout
 
+    time.sleep(0.2)                          # LPIs the program's INT commands raised
+    lab.agent.take_irqs()
     accepted = lab.msi(devid, eventid)
     try:
         got = lab.agent.wait_irqs(1, SEND_WAIT)
@@ -206,7 +205,7 @@ def translations_agree(results: dict) -> tuple[bool, str | None]:
     return len(reasons) == 1, None
 
 
-def cmd_translate(args) -> int:
+def cmd_translate(args, batches) -> int:
     if args.connect:
         from kvmits.machine.control import request
 
@@ -222,7 +221,7 @@ def cmd_translate(args) -> int:
                 t["delivered"] = send_and_watch(lab, args.devid, args.eventid)
             return t
 
-        results = collect(args, _modes(args), query)
+        results = collect(args, batches, query)
     agree, note = translations_agree(results) if len(results) == 2 else (None, None)
     if args.json:
         out = {"emulated": in_testbed(), "devid": args.devid, "eventid": args.eventid, "its": results}
@@ -238,12 +237,8 @@ def cmd_translate(args) -> int:
 
 
 # -- the command line ------------------------------------------------------------------------
-def _modes(args) -> tuple[str, ...]:
-    return MODES if args.its == "both" else (args.its,)
-
-
 def _testbed_argv(args) -> list[str]:
-    """The same command for the testbed; a program file is read here and passed as text (the
+    """The same command for the testbed; a program file goes as the text load_program read (the
     testbed sees only the source tree)."""
     argv = ["its", args.action]
     if args.action == "translate":
@@ -251,12 +246,8 @@ def _testbed_argv(args) -> list[str]:
     argv += ["--its", args.its, "--cpus", str(args.cpus), "--events", str(args.events), "--program", args.program]
     if getattr(args, "send", False):
         argv.append("--send")
-    text = args.program_text
-    if text is None and args.program != "demo" and not args.program.startswith("seed:"):
-        with open(args.program, encoding="utf-8") as f:
-            text = f.read()
-    if text is not None:
-        argv += ["--program-text", text]
+    if args.program_text is not None:       # read by load_program
+        argv += ["--program-text", args.program_text]
     return argv + (["--json"] if args.json else [])
 
 
@@ -268,15 +259,16 @@ def cmd_its(args) -> int:
         print("kvmits its: --send needs a VM this command boots (it watches the guest agent), not --connect",
               file=sys.stderr)
         return 2
+    batches = None                              # --connect: the running VM's own guest
     try:
         if not args.connect:
-            load_program(args)                      # a bad program fails here, before any VM
+            batches = load_program(args)            # a bad program fails here, before any VM
             if needs_testbed():
                 return run_in_testbed("its", _testbed_argv(args))
             if not os.access("/dev/kvm", os.R_OK | os.W_OK):
                 print("kvmits its: /dev/kvm is missing or not accessible: run `kvmits probe`", file=sys.stderr)
                 return 2
-        return cmd_dump(args) if args.action == "dump" else cmd_translate(args)
+        return cmd_dump(args, batches) if args.action == "dump" else cmd_translate(args, batches)
     except KvmitsError as exc:          # a failing ioctl (named with its errno), or the control socket
         print(f"kvmits its: {exc}", file=sys.stderr)
         return 1

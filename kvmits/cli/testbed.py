@@ -20,19 +20,17 @@ def needs_testbed() -> bool:
     return platform.machine() != "aarch64"
 
 
-def testbed_tool() -> Path | None:
-    """tools/testbed of the source tree this kvmits runs from, if it is one."""
-    tool = Path(__file__).resolve().parents[2] / "tools" / "testbed"
-    return tool if tool.is_file() else None
+#: the source tree this kvmits runs from (if it is one): the testbed's commands run there
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def testbed_command(argv: list[str], quiet: bool = True) -> list[str] | None:
-    """The host command that runs `python3 -m kvmits ARGV` in the testbed, or None without one."""
-    tool = testbed_tool()
-    if tool is None:
+def testbed_command(argv: list[str]) -> list[str] | None:
+    """The host command (run in SOURCE_ROOT) that runs `python3 -m kvmits ARGV` in the testbed,
+    or None if this installation has no tools/testbed."""
+    tool = SOURCE_ROOT / "tools" / "testbed"
+    if not tool.is_file():
         return None
-    return [sys.executable, str(tool), "run", *(["-q"] if quiet else []), "--",
-            "python3", "-m", "kvmits", *argv]
+    return [sys.executable, str(tool), "run", "-q", "--", "python3", "-m", "kvmits", *argv]
 
 
 def run_in_testbed(name: str, argv: list[str]) -> int:
@@ -45,4 +43,4 @@ def run_in_testbed(name: str, argv: list[str]) -> int:
         return 2
     print(f"kvmits {name}: this is {platform.machine()}, running in the arm64 testbed "
           "(builds it on first use: a few minutes) ...", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, cwd=str(Path(cmd[1]).parents[1]))
+    return subprocess.call(cmd, cwd=SOURCE_ROOT)
