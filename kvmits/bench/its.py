@@ -1,5 +1,5 @@
 """Figures 1 to 3 of `kvmits bench`: the kernel's ITS and the userspace ITS on the same guest
-(the agent, driven through kvmits.machine.its_lab.ItsLab).
+(the agent, driven through kvmits.lab.its_lab.ItsLab).
 
 1. MSI delivery, end to end to a guest that counts LPIs in its memory without exiting (agent
    IRQ mode COUNT): throughput (batches of distinct LPIs sent as fast as possible, then wait
@@ -167,7 +167,7 @@ def command_batch_figure(lab, sizes: Sizes, mode: str) -> dict:
 
 def run_its(mode: str, sizes: Sizes, progress=None) -> list[dict]:
     """Figures 1-3 for one ITS mode: a 4-vCPU VM (1, 2, 3) and a 1-vCPU VM (3)."""
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.its_lab import ItsLab
 
     out = []
     for cpus in (4, 1):

@@ -1,7 +1,7 @@
 """`kvmits demo`: the same guest ITS workload on the kernel's ITS and on kvmits' userspace ITS,
 a check that the guest saw the same LPIs in both, and their costs side by side.
 
-The workload, run by the same guest (the agent, through kvmits.machine.its_lab.ItsLab):
+The workload, run by the same guest (the agent, through kvmits.lab.its_lab.ItsLab):
 set up LPIs and the ITS, map one device with one event per LPI spread over the vCPUs, then
 deliver every event by KVM_SIGNAL_MSI (`Machine.signal_msi`), by irqfd, move every event to the
 next vCPU with MOVI and deliver them again. The guest reports each LPI and the vCPU that took it.
@@ -32,7 +32,7 @@ def _median_ms(samples: list[float]) -> float:
 def run_mode(mode: str, cpus: int, events: int) -> dict:
     """The workload on one ITS; returns what the guest saw and what it cost."""
     from kvmits.machine.agent import SysReg
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.its_lab import ItsLab
 
     out: dict = {"mode": mode, "seen": [], "times": {}}
     t0 = time.monotonic()

@@ -47,8 +47,8 @@ def _int(text: str) -> int:
 # -- where the answers come from -------------------------------------------------------------
 def load_program(args):
     """The batches of --program (demo, seed:N, or a file), or ProgramError / OSError."""
-    from kvmits.machine import differential
-    from kvmits.machine.its_program import ProgramError, demo_program, parse_program
+    from kvmits.lab import differential
+    from kvmits.lab.its_program import ProgramError, demo_program, parse_program
 
     spec = args.program
     if spec == "demo":
@@ -68,8 +68,8 @@ def load_program(args):
 def collect(args, batches, query):
     """Boot a lab per mode of --its, set the guest's ITS up, run the program `batches`, and
     return {mode: query(lab)}."""
-    from kvmits.machine.its_lab import ItsLab
-    from kvmits.machine.its_program import ProgramRunner
+    from kvmits.lab.its_lab import ItsLab
+    from kvmits.lab.its_program import ProgramRunner
 
     out = {}
     for mode in MODES if args.its == "both" else (args.its,):
@@ -111,7 +111,7 @@ def format_snapshot(snap) -> str:
 
 def snapshot_differences(kernel, user) -> list[str]:
     """What differs between two snapshots' mappings (empty: the same)."""
-    from kvmits.machine.differential import compare
+    from kvmits.lab.differential import compare
 
     diffs = []
     if kernel.enabled != user.enabled:
@@ -213,7 +213,7 @@ def cmd_translate(args, batches) -> int:
         results = {t.pop("its"): t}
     else:
         def query(lab):
-            from kvmits.machine import its_query
+            from kvmits.machine.its import query as its_query
 
             t = its_query.translate_json(lab.machine, args.devid, args.eventid)
             del t["its"]
@@ -253,7 +253,7 @@ def _testbed_argv(args) -> list[str]:
 
 def cmd_its(args) -> int:
     from kvmits.errors import KvmitsError
-    from kvmits.machine.its_program import ProgramError
+    from kvmits.lab.its_program import ProgramError
 
     if getattr(args, "send", False) and args.connect:
         print("kvmits its: --send needs a VM this command boots (it watches the guest agent), not --connect",
@@ -297,7 +297,7 @@ def register(sub) -> None:
         a.add_argument("--program", default="demo", metavar="demo|seed:N|FILE",
                        help="without --connect: the guest's ITS commands: `demo` (kvmits demo's mappings), "
                             "`seed:N` (the differential check's program N) or a command file "
-                            "(kvmits.machine.its_program) (default: %(default)s)")
+                            "(kvmits.lab.its_program) (default: %(default)s)")
         a.add_argument("--program-text", help=argparse.SUPPRESS)
         a.add_argument("--cpus", type=_positive_int, default=4, help="vCPUs (default: %(default)s)")
         a.add_argument("--events", type=_positive_int, default=16, help="events of the demo program (default: %(default)s)")

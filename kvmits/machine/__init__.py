@@ -5,8 +5,8 @@ from kvmits.machine.bus import MmioBus, MmioDevice
 from kvmits.machine.loader import BootImage, BootLayout, ImageError
 from kvmits.machine.machine import ITS_KINDS, Machine, MachineConfig
 from kvmits.machine.memmap import MemoryMap, Region
-from kvmits.machine.msi import MsiRoutes
-from kvmits.machine.pl011 import Pl011
+from kvmits.machine.its.routes import MsiRoutes
+from kvmits.machine.devices.pl011 import Pl011
 from kvmits.machine.runner import (EXIT_CRASH, EXIT_POWEROFF, EXIT_RESET, EXIT_STOPPED, MachineExit, VcpuExitError,
                                    VcpuRunner, install_kick_handler)
 

@@ -539,7 +539,7 @@ class AgentDevice:
             raise
 
     def client(self, cpu: int) -> AgentClient:
-        """Loads and stores performed by vCPU `cpu` (kvmits.machine.guest_driver.GuestAccess)."""
+        """Loads and stores performed by vCPU `cpu` (kvmits.lab.guest_driver.GuestAccess)."""
         return AgentClient(self, cpu)
 
     def read(self, cpu: int, addr: int, width: int = 4, *, timeout: float | None = DEFAULT_TIMEOUT) -> int:
@@ -688,7 +688,7 @@ class AgentDevice:
 
 
 class AgentClient:
-    """The loads and stores of one vCPU through the agent: kvmits.machine.guest_driver.GuestAccess."""
+    """The loads and stores of one vCPU through the agent: kvmits.lab.guest_driver.GuestAccess."""
 
     __slots__ = ("agent", "cpu", "timeout")
 

@@ -152,7 +152,7 @@ def request(path: str, cmd: str, timeout: float = 120.0, **args) -> object:
 
 def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
     """What `kvmits run --control` answers about its machine."""
-    from kvmits.machine import its_query
+    from kvmits.machine.its import query as its_query
 
     def its_dump(_req: dict) -> dict:
         return its_query.snapshot(machine).to_json()

@@ -32,14 +32,14 @@ from kvmits.machine.bus import MmioBus, MmioDevice
 from kvmits.machine.devicetree import Initrd, build_dtb
 from kvmits.machine.loader import BootLayout, place_image, plan_layout
 from kvmits.machine.memmap import UART_SPI, MemoryMap
-from kvmits.machine.msi import MsiRoutes
-from kvmits.machine.pl011 import Pl011
+from kvmits.machine.its.routes import MsiRoutes
+from kvmits.machine.devices.pl011 import Pl011
 from kvmits.machine.runner import MachineExit, VcpuRunner
 
 log = logging.getLogger(__name__)
 
 #: the ITS kinds a machine can have: "kernel", the in-kernel ITS; "user", kvmits' Python model
-#: as the guest's ITS, delivering through a hidden in-kernel ITS (kvmits.machine.user_its);
+#: as the guest's ITS, delivering through a hidden in-kernel ITS (kvmits.machine.its.user);
 #: None: no ITS, and the guest sees no LPIs at all
 ITS_KINDS = ("kernel", "user")
 DEFAULT_MEM_SIZE = 128 << 20
@@ -119,7 +119,7 @@ class Machine:
             self.its.ctrl_init()
             self.msi_routes = MsiRoutes(self.vm, self.its.doorbell)
         elif self.config.its == "user":
-            from kvmits.machine.user_its import UserIts
+            from kvmits.machine.its.user import UserIts
 
             self.user_its = UserIts(self.config.its_config, self.config.translater_devid)
             self.user_its.create(self.vm)       # the hidden ITS: initialised before the vGIC too
@@ -237,7 +237,7 @@ class Machine:
 
     def set_msi_routes(self, table) -> dict:
         """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
-        (see kvmits.machine.msi.MsiRoutes.set)."""
+        (see kvmits.machine.its.routes.MsiRoutes.set)."""
         if self.user_its is not None:
             return self.user_its.routes.set(table)
         if self.msi_routes is None:

@@ -215,7 +215,7 @@ def test_lpis_counted_in_guest_ram_without_exits_then_reported():
     """IRQ_MODE COUNT on vCPU 1: LPIs from KVM_SIGNAL_MSI through the in-kernel ITS (set up by the
     guest driver through the agent) are counted in guest RAM; an LPI past the counters, and every
     LPI once back in REPORT mode, is reported."""
-    from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
+    from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
 
     m = boot(2)
     try:

@@ -4,7 +4,7 @@ the kernel's ITS and on the userspace ITS; the final mapping states must be iden
 KVMITS_DIFF_COUNT programs (default 200), seeds from KVMITS_DIFF_SEED (default 1). Both states
 are read the same way: the tables saved into guest memory (the kernel's by
 KVM_DEV_ARM_ITS_SAVE_TABLES, the model's by save_tables()) and decoded (ABI rev 0); orphaned
-ITEs, which those tables cannot show, are compared by a probe (kvmits.machine.differential).
+ITEs, which those tables cannot show, are compared by a probe (kvmits.lab.differential).
 A failing seed reproduces with KVMITS_DIFF_SEED=<seed> KVMITS_DIFF_COUNT=1.
 """
 
@@ -24,7 +24,7 @@ CPUS = 4
 
 @pytest.fixture(scope="module")
 def labs(arm64_kvm):
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.its_lab import ItsLab
 
     with ItsLab(cpus=CPUS, its="kernel") as kernel, ItsLab(cpus=CPUS, its="user") as user:
         kernel.setup()
@@ -33,7 +33,7 @@ def labs(arm64_kvm):
 
 
 def test_the_two_itses_end_in_the_same_state(labs):
-    from kvmits.machine.differential import compare, run_pair
+    from kvmits.lab.differential import compare, run_pair
 
     kernel, user = labs
     failures = {}
@@ -53,7 +53,7 @@ def test_the_two_itses_end_in_the_same_state(labs):
 
 def test_the_check_sees_a_difference(labs):
     """The comparison is not blind: one extra mapping on one side is reported."""
-    from kvmits.machine.differential import compare, run_program
+    from kvmits.lab.differential import compare, run_program
 
     kernel, user = labs
     a = run_program(kernel, FIRST_SEED, probe=())
@@ -103,8 +103,8 @@ def test_a_small_command_budget_changes_nothing_the_guest_sees(labs):
     they run must reach the hidden ITS at once (LPIs delivered) and end in the kernel's state."""
     from kvmits.its import ItsConfig
     from kvmits.its import commands as cmd
-    from kvmits.machine.differential import compare, run_pair
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.differential import compare, run_pair
+    from kvmits.lab.its_lab import ItsLab
 
     kernel, _ = labs
     with ItsLab(cpus=CPUS, its="user", its_config=ItsConfig(command_budget=2)) as small:

@@ -1,7 +1,7 @@
 """A guest ITS driver against both ITSes, end to end on real arm64 KVM: the kernel's, and
 kvmits' userspace model in front of a hidden in-kernel ITS; the same tests, the same guest.
 
-The guest (the agent, driven by kvmits.machine.guest_driver) sets up LPIs and the ITS, maps a
+The guest (the agent, driven by kvmits.lab.guest_driver) sets up LPIs and the ITS, maps a
 device, one collection per vCPU and events to LPIs; the host injects MSIs by KVM_SIGNAL_MSI and
 by irqfd, and each LPI must reach the guest on the vCPU its collection names. Then the commands
 that change delivery: INT, INV/INVALL, MOVI, MOVALL, DISCARD, MAPD V=0, CLEAR.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmits.machine.guest_driver import BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE
+from kvmits.lab.guest_driver import BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE
 
 pytestmark = pytest.mark.arm64
 
@@ -25,7 +25,7 @@ LPI = 8192
 
 @pytest.fixture(scope="module", params=["kernel", "user"])
 def lab(arm64_kvm, request):
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.its_lab import ItsLab
 
     with ItsLab(cpus=CPUS, its=request.param) as lab:
         lab.setup()
@@ -213,8 +213,8 @@ def test_guest_cannot_reach_the_hidden_its(lab):
     if user is None:
         pytest.skip("kernel ITS: there is no hidden ITS")
     from kvmits.gic.regs import GITS_CBASER, GITS_CTLR, GITS_CWRITER, GITS_TRANSLATER
-    from kvmits.machine.hidden_its import CQ_OFFSET, ITT_OFFSET
-    from kvmits.machine.user_its import HIDDEN_ITS_BASE, PRIVATE_BASE
+    from kvmits.machine.its.hidden import CQ_OFFSET, ITT_OFFSET
+    from kvmits.machine.its.user import HIDDEN_ITS_BASE, PRIVATE_BASE
 
     devid, intid = 0x1B, LPI + 176
     map_events(lab, devid, {0: (intid, 2)})

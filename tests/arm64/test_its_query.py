@@ -41,7 +41,7 @@ EVENTIDS = list(range(0, 34)) + list(range(8192, 8204))
 
 @pytest.fixture(scope="module")
 def labs(arm64_kvm):
-    from kvmits.machine.its_lab import ItsLab
+    from kvmits.lab.its_lab import ItsLab
 
     with ItsLab(cpus=CPUS, its="kernel") as kernel, ItsLab(cpus=CPUS, its="user") as user:
         kernel.setup()
@@ -50,8 +50,8 @@ def labs(arm64_kvm):
 
 
 def programs():
-    from kvmits.machine.differential import generate_program
-    from kvmits.machine.its_program import demo_program, parse_program
+    from kvmits.lab.differential import generate_program
+    from kvmits.lab.its_program import demo_program, parse_program
 
     yield "demo", demo_program(CPUS)
     yield "text", parse_program(PROGRAM_TEXT)
@@ -63,8 +63,8 @@ def programs():
 def test_both_itses_dump_and_translate_the_same(labs, name):
     from kvmits.cli.its import snapshot_differences, translations_agree
     from kvmits.its.query import translation_to_json
-    from kvmits.machine import its_query
-    from kvmits.machine.its_program import ProgramRunner
+    from kvmits.machine.its import query as its_query
+    from kvmits.lab.its_program import ProgramRunner
 
     batches = dict(programs())[name]
     snaps = {}
@@ -114,7 +114,7 @@ def test_both_itses_dump_and_translate_the_same(labs, name):
 
 
 def test_the_text_program_reads_as_written(labs):
-    from kvmits.machine.its_program import ProgramRunner, parse_program
+    from kvmits.lab.its_program import ProgramRunner, parse_program
 
     lab = labs["user"]
     lab.reset_its()

@@ -7,7 +7,7 @@ from kvmits.errors import GuestMemoryError
 from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.its import commands as C
 from kvmits.its import registers as R
-from kvmits.machine.differential import generate_program, probe_ops
+from kvmits.lab.differential import generate_program, probe_ops
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 8 << 20
@@ -119,7 +119,7 @@ class Harness:
 
 
 def run_on_model(seed: int, probe: bool = False, cpus: int = 4) -> Harness:
-    """The differential check's program `seed` (kvmits.machine.differential) on an ItsModel
+    """The differential check's program `seed` (kvmits.lab.differential) on an ItsModel
     set up as ItsLab sets up an ITS (collection n -> vCPU n), ITTs allocated in program order
     as ProgramRunner allocates them; with `probe`, the orphan probe after it."""
     h = Harness(ItsConfig(log_limit=0), nr_vcpus=cpus, ram=FakeRam(size=2 << 20))

@@ -33,7 +33,7 @@ EVENTIDS = list(range(0, 40)) + list(range(8192, 8230)) + [1 << 16, 0xFFFF_FFFF]
 
 
 def kernel_like_snapshot(h: Harness) -> ItsSnapshot:
-    """What kvmits.machine.its_query does for the kernel's ITS, with the model standing in for
+    """What kvmits.machine.its.query does for the kernel's ITS, with the model standing in for
     the kernel: save the tables into guest memory, decode them, no orphans visible."""
     h.its.save_tables()
     content = abi.read_tables(h.ram, h.its.mmio_read(R.GITS_BASER0, 8), h.its.mmio_read(R.GITS_BASER0 + 8, 8),

@@ -1,4 +1,4 @@
-"""A stand-in machine for what reads a machine's ITS (kvmits.machine.its_query, the control
+"""A stand-in machine for what reads a machine's ITS (kvmits.machine.its.query, the control
 socket, `kvmits its --connect`) without arm64 KVM: the userspace ITS's model as is, or the
 model standing in for the kernel's ITS behind the attribute calls its_query makes."""
 

@@ -1,6 +1,6 @@
 """The control socket (kvmits.machine.control) and what it answers about a machine's ITS, on a
 stand-in machine: the userspace ITS's model, and the model standing in for the kernel's ITS
-behind the attribute calls kvmits.machine.its_query makes (the real kernel: tests/arm64)."""
+behind the attribute calls kvmits.machine.its.query makes (the real kernel: tests/arm64)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from kvmits.errors import KvmError
 from kvmits.gic.regs import GITS_CTLR
 from kvmits.its.query import ItsSnapshot, model_snapshot
-from kvmits.machine import its_query
+from kvmits.machine.its import query as its_query
 from kvmits.machine.control import MAX_REQUEST, ControlError, ControlServer, machine_handlers, request
 from tests.machine.its_fakes import fake_machine, mapped_harness
 

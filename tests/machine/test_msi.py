@@ -3,7 +3,7 @@
 import pytest
 
 from kvmits.kvm import MsiRoute
-from kvmits.machine.msi import MsiRoutes
+from kvmits.machine.its.routes import MsiRoutes
 
 DOORBELL = 0x08090040
 

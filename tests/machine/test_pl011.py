@@ -2,7 +2,7 @@
 
 import io
 
-from kvmits.machine import pl011 as P
+from kvmits.machine.devices import pl011 as P
 
 
 def make():

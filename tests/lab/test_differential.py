@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kvmits.its import commands as C
-from kvmits.machine.differential import LENGTH, PROBE_LPI, compare, generate_program, probe_ops
+from kvmits.lab.differential import LENGTH, PROBE_LPI, compare, generate_program, probe_ops
 from tests.its.ramfake import RAM_BASE, run_on_model
 
 CPUS = 4

@@ -20,10 +20,10 @@ from typing import BinaryIO
 from kvmits.its import abi
 from kvmits.its import commands as cmd
 from kvmits.its.query import ItsSnapshot
-from kvmits.machine import its_query
+from kvmits.machine.its import query as its_query
 from kvmits.machine.agent import AgentDevice, AgentTimeout, guest_program
 from kvmits.machine.devicetree import MAX_DTB_SIZE
-from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
+from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.machine import Machine, MachineConfig
 
 DEFAULT_MEM = 256 << 20
@@ -95,7 +95,7 @@ class ItsLab:
         return its_query.saved_tables(self.machine)
 
     def snapshot(self) -> ItsSnapshot:
-        """The ITS's mappings now (kvmits.machine.its_query.snapshot): a translation query
+        """The ITS's mappings now (kvmits.machine.its.query.snapshot): a translation query
         answers from it in either mode."""
         return its_query.snapshot(self.machine)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kvmits.its import commands as C
-from kvmits.machine.differential import generate_program
-from kvmits.machine.its_program import (
+from kvmits.lab.differential import generate_program
+from kvmits.lab.its_program import (
     MAX_BATCH, Op, ProgramError, ProgramRunner, demo_program, format_program, parse_program,
 )
 

@@ -1,6 +1,6 @@
 """The userspace ITS in a running VM: the guest's GITS_* frame served on KVM_EXIT_MMIO by the
 Python model (kvmits.its.ItsModel), LPIs delivered through the hidden in-kernel ITS
-(kvmits.machine.hidden_its), and irqfd MSI routes compiled from the model's translation.
+(kvmits.machine.its.hidden), and irqfd MSI routes compiled from the model's translation.
 
 What goes through Python and what does not:
 - every guest access to the 128 KiB ITS frame exits to Python (no memory slot covers it);
@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 
 from kvmits.gic.regs import GICR_PROPBASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER
 from kvmits.kvm import EventFd, MsiRoute
-from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, HiddenIts
+from kvmits.machine.its.hidden import INJECTOR_DEVID, LPI_BASE, HiddenIts
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class UserIts:
     def attach(self, machine) -> None:
         from kvmits.its import ItsModel, Redistributors
         from kvmits.kvm import GuestMemory
-        from kvmits.machine.hidden_its import PRIVATE_SIZE
+        from kvmits.machine.its.hidden import PRIVATE_SIZE
 
         vm = machine.vm
         # The hidden ITS's frame is live for the guest unless a memory slot covers it (a guest

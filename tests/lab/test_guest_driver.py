@@ -13,7 +13,7 @@ import pytest
 from kvmits.gic import regs
 from kvmits.its import ItsModel, RecordingSink, Redistributors
 from kvmits.kvm import GuestMemory
-from kvmits.machine.guest_driver import (BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE, DriverError, GuestGic,
+from kvmits.lab.guest_driver import (BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE, DriverError, GuestGic,
                                          GuestHeap, GuestIts)
 
 RAM = 0x40000000

@@ -20,9 +20,9 @@ from kvmits.gic import regs
 from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.its import commands as cmd
 from kvmits.kvm import GuestMemory
-from kvmits.machine.guest_driver import GuestGic, GuestHeap, GuestIts
-from kvmits.machine.hidden_its import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
-from kvmits.machine.user_its import UserItsFrame
+from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
+from kvmits.machine.its.hidden import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
+from kvmits.machine.its.user import UserItsFrame
 
 RAM = 0x40000000
 ITS = 0x08080000

@@ -1,9 +1,9 @@
 """ITS command programs: what a guest driver sends, batch by batch, written once and run by the
-same guest on either ITS (kvmits.machine.its_lab.ItsLab).
+same guest on either ITS (kvmits.lab.its_lab.ItsLab).
 
 A program is a list of batches; each batch is published by one GITS_CWRITER write. Programs
 come from three places: `demo_program` (the mappings `kvmits demo` makes), the differential
-check's seeded generator (kvmits.machine.differential.generate_program), or a text file:
+check's seeded generator (kvmits.lab.differential.generate_program), or a text file:
 
     # one command a line, arguments as in the command's fields (IHI 0069 5.3); 0x.. allowed
     MAPD   devid event_bits [valid]     # the guest allocates an ITT for 2**event_bits events
