@@ -73,7 +73,7 @@ def test_a_shared_lpi_is_pointed_out(tmp_path, capsys):
 
 def test_an_lpi_kvm_has_elsewhere_is_pointed_out(tmp_path, capsys):
     machine = fake_machine(mapped_harness(), "user")
-    machine.user_its.engine.mapping = lambda: {8192: 2}           # as after a MOVALL 1 -> 2
+    machine.its.hidden.mapping = lambda: {8192: 2}           # as after a MOVALL 1 -> 2
     path = str(tmp_path / "vm.sock")
     with ControlServer(path, machine_handlers(machine)):
         assert main(["its", "translate", "4", "1", "--connect", path]) == 0

@@ -16,12 +16,11 @@ import time
 
 from kvmits.bench import figure
 from kvmits.its import commands as cmd
+from kvmits.its.registers import GITS_TYPER, LPI_BASE
 
-LPI_BASE = 8192
 MSI_DEVID = 0x42
 BATCH_DEVID = 0x43
 FIRST_GSI = 64
-GITS_TYPER = 0x8
 WAIT_TIMEOUT = 30.0
 
 
@@ -115,9 +114,9 @@ def msi_figures(lab, sizes: Sizes, mode: str) -> list[dict]:
                 time.sleep(0)
             lat.append((time.perf_counter() - t0) * 1e6)
         out.append(figure(1, "msi_latency", mode, path, "us", "lower", lat, cpus=lab.cpus))
-    if lab.machine.user_its is not None:
+    if lab.machine.its.live_translation:
         # what of the slow path is the model's translation itself
-        translate = lab.machine.user_its.frame.translate
+        translate = lab.machine.its.translate
         n = sizes.msis
         samples = []
         for _ in range(sizes.repeat):
@@ -147,8 +146,8 @@ def command_batch_figure(lab, sizes: Sizes, mode: str) -> dict:
     batches = sizes.batches * sizes.repeat + 1
     lab.its.mapd(BATCH_DEVID, max(1, (batches - 1).bit_length()))
     counters = Counters(lab, 512 + batches)
-    user_its = lab.machine.user_its
-    stops0 = user_its.frame.stops if user_its is not None else 0
+    its = lab.machine.its
+    stops0 = its.stats().get("vcpu_stops")
     samples = []
     for i in range(batches):
         cpu = i % lab.cpus
@@ -160,8 +159,8 @@ def command_batch_figure(lab, sizes: Sizes, mode: str) -> dict:
             samples.append(dt)
     counters.wait_total(batches, lab.agent)             # every INT reached the guest
     extra = {}
-    if user_its is not None:
-        extra["vcpu_stops_per_batch"] = (user_its.frame.stops - stops0) / batches
+    if stops0 is not None:                              # an ITS that stops the vCPUs (the userspace one)
+        extra["vcpu_stops_per_batch"] = (its.stats()["vcpu_stops"] - stops0) / batches
     return figure(3, "command_batch", mode, "mapti_int_sync", "ms", "lower", samples, cpus=lab.cpus, **extra)
 
 

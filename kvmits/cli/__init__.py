@@ -9,8 +9,8 @@ import importlib
 import logging
 import sys
 
-# Sub-command modules, in the order `kvmits --help` lists them. A module that is missing
-# (a sub-command not yet written) is simply not offered.
+# Sub-command modules, in the order `kvmits --help` lists them. Each must import: a broken one
+# fails the whole command line loudly rather than vanish from --help.
 SUBCOMMANDS = ("probe", "run", "demo", "bench", "its")
 
 
@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"kvmits.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"kvmits.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"kvmits.cli.{name}").register(sub)
     return parser
 
 

@@ -19,8 +19,8 @@ import sys
 import time
 
 from kvmits.cli.testbed import in_testbed, needs_testbed, run_in_testbed
+from kvmits.its.registers import GITS_TYPER, LPI_BASE
 
-LPI_BASE = 8192
 DEVID = 0x42
 FIRST_GSI = 64
 
@@ -70,10 +70,11 @@ def run_mode(mode: str, cpus: int, events: int) -> dict:
         # a guest read of a GITS register, timed by the guest with its virtual counter
         freq = lab.agent.read_sysreg(0, SysReg.CNTFRQ_EL0)
         reads = 200
-        ticks = lab.agent.timed_read(0, lab.its.base + 0x8, 8, reads)      # GITS_TYPER
+        ticks = lab.agent.timed_read(0, lab.its.base + GITS_TYPER, 8, reads)
         out["times"]["gits_read_us"] = ticks / freq / reads * 1e6
-        if lab.machine.user_its is not None:
-            out["stops"] = lab.machine.user_its.frame.stops
+        stops = lab.machine.its.stats().get("vcpu_stops")
+        if stops is not None:
+            out["stops"] = stops
         lab.agent.take_irqs()
     return out
 

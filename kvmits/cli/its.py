@@ -213,9 +213,7 @@ def cmd_translate(args, batches) -> int:
         results = {t.pop("its"): t}
     else:
         def query(lab):
-            from kvmits.machine.its import query as its_query
-
-            t = its_query.translate_json(lab.machine, args.devid, args.eventid)
+            t = lab.machine.its.translation_report(args.devid, args.eventid)
             del t["its"]
             if args.send:
                 t["delivered"] = send_and_watch(lab, args.devid, args.eventid)

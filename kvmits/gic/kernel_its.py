@@ -8,7 +8,7 @@ them first (kvmits.machine.Machine.pause_all / paused()). KVM_SIGNAL_MSI and irq
 from __future__ import annotations
 
 from kvmits import uapi
-from kvmits.gic.regs import GITS_FRAME_SIZE, GITS_TRANSLATER
+from kvmits.its.registers import GITS_TRANSLATER, ITS_FRAME_SIZE
 
 _GRP_ADDR = uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
 _GRP_CTRL = uapi.KVM_DEV_ARM_VGIC_GRP_CTRL
@@ -41,7 +41,7 @@ class KernelIts:
 
     @property
     def size(self) -> int:
-        return GITS_FRAME_SIZE
+        return ITS_FRAME_SIZE
 
     @property
     def doorbell(self) -> int:

@@ -1,5 +1,7 @@
 """GICv3 register offsets and the attribute encodings of KVM's vGICv3 / ITS devices.
 
+The ITS's registers (GITS_*) are defined once, with the ITS model: kvmits.its.registers.
+
 Offsets are those of Arm IHI 0069 (GICv3/v4 architecture specification), chapter 12
 ("Programmers' model"); the attribute encodings are those of the kernel documents
 Documentation/virt/kvm/devices/arm-vgic-v3.rst and arm-vgic-its.rst.
@@ -44,28 +46,6 @@ GICR_ICFGR0 = GICR_SGI_BASE + 0x0C00
 GICR_ICFGR1 = GICR_SGI_BASE + 0x0C04
 #: size of one redistributor (RD_base + SGI_base frames; no VLPI frames on a GICv3 vGIC)
 GICR_STRIDE = 0x20000
-
-# -- ITS (GITS_*, IHI 0069 12.19), offsets from ITS_base ----------------------------------------
-GITS_CTLR = 0x0000
-GITS_IIDR = 0x0004
-GITS_TYPER = 0x0008          # 64-bit
-GITS_CBASER = 0x0080         # 64-bit
-GITS_CWRITER = 0x0088        # 64-bit
-GITS_CREADR = 0x0090         # 64-bit
-GITS_BASER0 = 0x0100         # GITS_BASER<n> = GITS_BASER0 + 8 * n, 64-bit each
-GITS_PIDR2 = 0xFFE8
-#: GITS_TRANSLATER lives in the second 64 KiB frame ("translation register page")
-GITS_TRANSLATER = 0x10040
-#: an ITS occupies two 64 KiB frames: control, then translation (IHI 0069 12.19)
-GITS_FRAME_SIZE = 0x20000
-
-
-def GITS_BASER(n: int) -> int:   # named like the register
-    """Offset of GITS_BASER<n> (n = 0..7)."""
-    if not 0 <= n < 8:
-        raise ValueError(f"GITS_BASER{n}: n must be 0..7")
-    return GITS_BASER0 + 8 * n
-
 
 # -- the vGIC attribute encodings ----------------------------------------------------------------
 def mpidr_to_vgic_attr(mpidr: int) -> int:

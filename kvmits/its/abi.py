@@ -26,14 +26,14 @@ from typing import NamedTuple
 
 from kvmits.errors import GuestMemoryError, KvmitsError
 from kvmits.its.registers import (
-    GITS_BASER_TYPE_COLLECTION, GITS_BASER_TYPE_DEVICE, TableGeometry, decode_baser,
+    GITS_BASER_TYPE_COLLECTION, GITS_BASER_TYPE_DEVICE, LPI_BASE, TableGeometry, decode_baser,
 )
 
 ABI_REV0_ENTRY_SIZE = 8
 COLLECTION_NOT_MAPPED = 0xFFFF_FFFF
 DTE_MAX_NEXT = (1 << 14) - 1
 ITE_MAX_NEXT = (1 << 16) - 1
-LPI_MIN_INTID = 8192
+LPI_MIN_INTID = LPI_BASE          # TEMP alias, replaced below
 L1_ENTRY_SIZE = 8
 _ADDR52 = (1 << 52) - 1
 

@@ -5,7 +5,8 @@ The model knows nothing of KVM. It is given:
 * a **guest memory** (`GuestMemory`): bytes by guest-physical address, bounds-checked.
   `kvmits.kvm.GuestMemory` is one; tests use a bytearray fake.
 * an **LPI sink** (`LpiSink`): where translated interrupts and the redistributor side of
-  commands go. The real one drives a hidden in-kernel ITS (see ../shared/DESIGN.md);
+  commands go. The real one drives a hidden in-kernel ITS (kvmits.machine.its.hidden,
+  docs/userspace-its.md);
   `RecordingSink` records calls for tests and tools; `NullSink` drops them.
 * a **redistributor view** (`RedistributorView`): how many vCPUs there are (GITS_TYPER.PTA
   is 0, so a target/RDbase is a vCPU index) and the exclusive upper bound of valid LPI

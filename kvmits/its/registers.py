@@ -45,6 +45,18 @@ GITS_CIDR3 = 0xFFFC
 # -- translation frame ---------------------------------------------------------------------
 GITS_TRANSLATER = 0x10040
 
+
+def GITS_BASER(n: int) -> int:   # named like the register
+    """Offset of GITS_BASER<n> (n = 0..7)."""
+    if not 0 <= n < GITS_BASER_COUNT:
+        raise ValueError(f"GITS_BASER{n}: n must be 0..{GITS_BASER_COUNT - 1}")
+    return GITS_BASER0 + 8 * n
+
+
+# -- LPIs ----------------------------------------------------------------------------------
+#: the first LPI INTID: INTIDs 8192 and up are LPIs (IHI 0069, 2.2.1 "INTIDs")
+LPI_BASE = 8192
+
 # -- GITS_CTLR -----------------------------------------------------------------------------
 GITS_CTLR_ENABLED = 1 << 0
 GITS_CTLR_QUIESCENT = 1 << 31     # RO; resets to 1
@@ -86,6 +98,8 @@ GITS_BASER_TYPE_VPE = 2
 GITS_BASER_TYPE_COLLECTION = 4
 
 # Page_Size encodings; 0b11 is reserved (decoded as 64K, the largest).
+#: the 64 KiB page: GITS_BASER<n>.Page_Size 0b10, and the granule of the ITS's two frames
+PAGE_64K = 0x10000
 PAGE_SIZE_ENCODING = {4096: 0, 16384: 1, 65536: 2}
 PAGE_SIZE_DECODING = {0: 4096, 1: 16384, 2: 65536, 3: 65536}
 

@@ -1,4 +1,7 @@
-"""The one place that calls ioctl(2): every failure becomes a KvmError naming the ioctl."""
+"""ioctl(2) for every KVM ioctl but one: every failure becomes a KvmError naming the ioctl.
+
+The exception is KVM_RUN, the hot path: Vcpu.run calls libc's ioctl itself, to skip this
+function's argument handling on every exit, and raises the same KvmError (kvmits.kvm.vcpu)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-from kvmits.lab.its_program import LPI_BASE, Op, ProgramRunner
+from kvmits.its.registers import LPI_BASE
+from kvmits.lab.its_program import Op, ProgramRunner
 
 #: commands per program (plus the orphan probe): 200 programs (both ITSes, resets included)
 #: took 127 s in the arm64 testbed (qemu TCG, idle host), 1000 about 15 minutes

@@ -20,21 +20,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from kvmits.gic.regs import (GICR_CTLR, GICR_PENDBASER, GICR_PROPBASER, GICR_TYPER, GITS_BASER, GITS_CBASER,
-                             GITS_CREADR, GITS_CTLR, GITS_CWRITER, GITS_IIDR, GITS_TRANSLATER, GITS_TYPER)
+from kvmits.gic.regs import GICR_CTLR, GICR_PENDBASER, GICR_PROPBASER, GICR_TYPER
+from kvmits.its.registers import (GITS_BASER, GITS_BASER_ENTRY_SIZE_MASK, GITS_BASER_ENTRY_SIZE_SHIFT,
+                                  GITS_BASER_INDIRECT, GITS_BASER_PAGE_SIZE_MASK, GITS_BASER_PAGE_SIZE_SHIFT,
+                                  GITS_BASER_TYPE_DEVICE, GITS_BASER_TYPE_MASK, GITS_BASER_TYPE_NONE,
+                                  GITS_BASER_TYPE_SHIFT, GITS_BASER_VALID, GITS_CBASER, GITS_CBASER_VALID, GITS_CREADR,
+                                  GITS_CREADR_STALLED, GITS_CTLR, GITS_CTLR_ENABLED, GITS_CTLR_QUIESCENT,
+                                  GITS_CWRITER, GITS_IIDR, GITS_TRANSLATER, GITS_TYPER, LPI_BASE, PAGE_64K,
+                                  PAGE_SIZE_DECODING)
 from kvmits.its import commands as cmd
 
-LPI_BASE = 8192
-PAGE_64K = 0x10000
 
-# GITS_BASER<n> fields (IHI 0069 12.19.1)
-BASER_VALID = 1 << 63
-BASER_INDIRECT = 1 << 62
-BASER_TYPE_SHIFT = 56
-BASER_ENTRY_SIZE_SHIFT = 48
-BASER_PAGE_SIZE_SHIFT = 8
-BASER_TYPE_NONE, BASER_TYPE_DEVICE, BASER_TYPE_COLLECTION = 0, 1, 4
-BASER_PAGE_SIZES = (0x1000, 0x4000, 0x10000)           # Page_Size 0b00, 0b01, 0b10
 # Cacheability/shareability attributes a Linux guest asks for: Inner/Outer write-back
 # read/write-allocate (0b111 / 0b000 = same as inner), Inner Shareable.
 BASER_ATTRS = (0b111 << 59) | (0b01 << 10)
@@ -43,9 +39,6 @@ GICR_BASER_ATTRS = (0b111 << 7) | (0b01 << 10)         # GICR_PROPBASER/PENDBASE
 GICR_PENDBASER_PTZ = 1 << 62
 GICR_CTLR_ENABLE_LPIS = 1
 GICR_TYPER_PLPIS = 1
-GITS_CTLR_ENABLED = 1
-GITS_CTLR_QUIESCENT = 1 << 31
-GITS_CREADR_STALLED = 1
 LPI_PROP_ENABLE = 1
 DEFAULT_PRIORITY = 0xA0
 
@@ -193,9 +186,9 @@ class GuestIts:
                "GITS_CTLR": self.read_reg(GITS_CTLR, 4), "baser": []}
         for n in range(8):
             value = self.read_reg(GITS_BASER(n))
-            out["baser"].append({"n": n, "value": value, "type": (value >> BASER_TYPE_SHIFT) & 7,
-                                 "entry_size": ((value >> BASER_ENTRY_SIZE_SHIFT) & 0x1F) + 1,
-                                 "page_size": BASER_PAGE_SIZES[min((value >> BASER_PAGE_SIZE_SHIFT) & 3, 2)]})
+            out["baser"].append({"n": n, "value": value, "type": (value >> GITS_BASER_TYPE_SHIFT) & 7,
+                                 "entry_size": ((value >> GITS_BASER_ENTRY_SIZE_SHIFT) & 0x1F) + 1,
+                                 "page_size": PAGE_SIZE_DECODING[(value >> GITS_BASER_PAGE_SIZE_SHIFT) & 3]})
         return out
 
     @property
@@ -212,23 +205,23 @@ class GuestIts:
         GITS_BASER<n> and GITS_CBASER, then enable the ITS (5.2.1: tables before Enabled)."""
         ident = self.identify()
         for b in ident["baser"]:
-            if b["type"] == BASER_TYPE_NONE:
+            if b["type"] == GITS_BASER_TYPE_NONE:
                 continue
-            pages = device_pages if b["type"] == BASER_TYPE_DEVICE else collection_pages
-            indirect = two_level and b["type"] == BASER_TYPE_DEVICE
+            pages = device_pages if b["type"] == GITS_BASER_TYPE_DEVICE else collection_pages
+            indirect = two_level and b["type"] == GITS_BASER_TYPE_DEVICE
             page = b["page_size"]
             addr = self.heap.alloc(pages * page, max(page, PAGE_64K))
-            value = (BASER_VALID | (BASER_INDIRECT if indirect else 0) | BASER_ATTRS
-                     | (b["value"] & ((7 << BASER_TYPE_SHIFT) | (0x1F << BASER_ENTRY_SIZE_SHIFT) | (3 << BASER_PAGE_SIZE_SHIFT)))
+            value = (GITS_BASER_VALID | (GITS_BASER_INDIRECT if indirect else 0) | BASER_ATTRS
+                     | (b["value"] & (GITS_BASER_TYPE_MASK | GITS_BASER_ENTRY_SIZE_MASK | GITS_BASER_PAGE_SIZE_MASK))
                      | _baser_address(addr, page) | (pages - 1))
             self.write_reg(GITS_BASER(b["n"]), value)
             back = self.read_reg(GITS_BASER(b["n"]))
-            if not back & BASER_VALID:
+            if not back & GITS_BASER_VALID:
                 raise DriverError(f"GITS_BASER{b['n']} did not take {value:#x} (reads {back:#x})")
             self.tables[b["type"]] = ItsTable(b["n"], b["type"], b["entry_size"], page, addr, pages,
-                                              bool(back & BASER_INDIRECT))
+                                              bool(back & GITS_BASER_INDIRECT))
         self.queue = self.heap.alloc(self.queue_size, PAGE_64K)
-        self.write_reg(GITS_CBASER, BASER_VALID | CBASER_ATTRS | self.queue | (self.queue_size // 0x1000 - 1))
+        self.write_reg(GITS_CBASER, GITS_CBASER_VALID | CBASER_ATTRS | self.queue | (self.queue_size // 0x1000 - 1))
         self.write_reg(GITS_CWRITER, 0)
         self.cwriter = 0
         self.write_reg(GITS_CTLR, GITS_CTLR_ENABLED, 4)
@@ -279,7 +272,7 @@ class GuestIts:
 
     def _ensure_level2(self, devid: int) -> None:
         """Two-level device table: make the level-1 entry covering `devid` Valid (5.2.2)."""
-        table = self.tables.get(BASER_TYPE_DEVICE)
+        table = self.tables.get(GITS_BASER_TYPE_DEVICE)
         if table is None or not table.indirect:
             return
         per_page = table.page_size // table.entry_size
@@ -287,7 +280,7 @@ class GuestIts:
         if index in table.level2 or index >= table.pages * table.page_size // 8:
             return
         page = self.heap.alloc(table.page_size, table.page_size)
-        self.ram.write_u64(table.base + 8 * index, page | BASER_VALID)
+        self.ram.write_u64(table.base + 8 * index, page | GITS_BASER_VALID)
         table.level2[index] = page
 
     def mapti(self, devid: int, eventid: int, intid: int, icid: int) -> None:

@@ -20,11 +20,9 @@ from typing import BinaryIO
 from kvmits.its import abi
 from kvmits.its import commands as cmd
 from kvmits.its.query import ItsSnapshot
-from kvmits.machine.its import query as its_query
-from kvmits.machine.agent import AgentDevice, AgentTimeout, guest_program
-from kvmits.machine.devicetree import MAX_DTB_SIZE
 from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
-from kvmits.machine.machine import Machine, MachineConfig
+from kvmits.machine import Machine, MachineConfig
+from kvmits.machine.agent import Agent, AgentTimeout, guest_program
 
 DEFAULT_MEM = 256 << 20
 
@@ -42,12 +40,12 @@ class ItsLab:
         try:
             self.machine.load(guest_program("agent"))
             self.machine.start()
-            self.agent: AgentDevice = self.machine.agent
+            self.agent: Agent = self.machine.agent
             self.agent.wait_online([0], timeout)
             if cpus > 1:
                 self.agent.start_cpus(cpus, timeout=timeout)
             ram = self.machine.ram
-            heap_base = self.machine.boot.dtb_addr + MAX_DTB_SIZE
+            heap_base = self.machine.boot.end
             self.heap = GuestHeap(ram, heap_base, self.machine.memmap.ram.end)
             access = self.agent.client(0)
             self.gic = GuestGic(access, ram, self.heap, self.machine.memmap.gicr_base, cpus)
@@ -72,12 +70,7 @@ class ItsLab:
     def reset_its(self) -> None:
         """Reset the ITS (the kernel's: KVM_DEV_ARM_ITS_CTRL_RESET; the userspace one: the model
         and its hidden ITS), free what the guest allocated for it, and set it up again."""
-        m = self.machine
-        if m.user_its is not None:
-            m.user_its.reset(m.paused)
-        else:
-            with m.paused():
-                m.its.ctrl_reset()
+        self.machine.its.reset()
         self.heap.next = self._heap_mark
         self.its.devices.clear()
         self.its.tables.clear()
@@ -92,22 +85,18 @@ class ItsLab:
         """Save the ITS's tables into guest memory and decode them (ABI rev 0): the kernel's
         ITS with KVM_DEV_ARM_ITS_SAVE_TABLES, the userspace model with its save_tables(). One
         path for both, so what the ABI cannot express (orphaned ITEs) is missing on both."""
-        return its_query.saved_tables(self.machine)
+        return self.machine.its.saved_tables()
 
     def snapshot(self) -> ItsSnapshot:
-        """The ITS's mappings now (kvmits.machine.its.query.snapshot): a translation query
-        answers from it in either mode."""
-        return its_query.snapshot(self.machine)
+        """The ITS's mappings now (MachineIts.snapshot): a translation query answers from it in
+        either mode."""
+        return self.machine.its.snapshot()
 
     def orphaned_ites(self) -> tuple[tuple[int, int], ...] | None:
         """(DeviceID, EventID) of the ITEs whose collection was unmapped (see
         ItsModel.orphaned_ites): the userspace model knows them; None for the kernel's ITS,
         whose saved tables do not show them."""
-        m = self.machine
-        if m.user_its is None:
-            return None
-        with m.user_its.frame.lock:
-            return m.user_its.model.orphaned_ites()
+        return self.machine.its.orphaned_ites()
 
     # -- interrupts from the host ------------------------------------------------------------
     def msi(self, devid: int, eventid: int) -> int:

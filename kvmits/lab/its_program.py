@@ -26,8 +26,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kvmits.its import commands as cmd
+from kvmits.its.registers import LPI_BASE
 
-LPI_BASE = 8192
 #: a batch longer than this is split: one GITS_CWRITER write per MAX_BATCH commands (the
 #: guest's 64 KiB queue holds 2047)
 MAX_BATCH = 256

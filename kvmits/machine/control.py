@@ -152,20 +152,25 @@ def request(path: str, cmd: str, timeout: float = 120.0, **args) -> object:
 
 def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
     """What `kvmits run --control` answers about its machine."""
-    from kvmits.machine.its import query as its_query
+    from kvmits.machine.its import NoItsError
+
+    def its() -> object:
+        if machine.its is None:
+            raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
+        return machine.its
 
     def its_dump(_req: dict) -> dict:
-        return its_query.snapshot(machine).to_json()
+        return its().snapshot().to_json()
 
     def its_translate(req: dict) -> dict:
         devid, eventid = req["devid"], req["eventid"]
         for name, value in (("devid", devid), ("eventid", eventid)):
             if not isinstance(value, int) or not 0 <= value < 1 << 32:
                 raise ValueError(f"{name} must be an integer in 0..2**32-1, not {value!r}")
-        return its_query.translate_json(machine, devid, eventid)
+        return its().translation_report(devid, eventid)
 
     def info(_req: dict) -> dict:
-        kind = its_query.its_kind(machine) if (machine.its or machine.user_its) else None
+        kind = machine.its.kind if machine.its is not None else None
         return {"cpus": machine.config.cpus, "its": kind, "pid": os.getpid()}
 
     return {"its-dump": its_dump, "its-translate": its_translate, "info": info}

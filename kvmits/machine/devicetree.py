@@ -6,8 +6,9 @@ python3-libfdt would tie the host venv to Debian's Python.
 
 The tree has what a Linux guest needs on this machine and nothing more (bindings in Linux's
 Documentation/devicetree/bindings/): memory, cpus with reg = MPIDR_EL1 affinity and PSCI as the
-enable method, psci (0.2, hvc), the GICv3 (with its ITS child when the ITS is in the kernel), the
-architected timer, the PL011 with the APB clock its driver asks for, and /chosen.
+enable method, psci (0.2, hvc), the GICv3 (with an ITS child when the machine has an ITS: the
+guest's ITS, kernel or userspace, at the same address; never the hidden ITS behind the userspace
+one), the architected timer, the PL011 with the APB clock its driver asks for, and /chosen.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ class BootLayout(NamedTuple):
     image: BootImage
     dtb_addr: int
     initrd_addr: int | None
+    #: the end of what was placed (image, device tree, initrd): RAM above it is the guest's
+    end: int
 
 
 def align_up(value: int, align: int) -> int:
@@ -141,4 +143,4 @@ def plan_layout(ram: Region, image: BootImage, initrd_size: int | None = None) -
         what = "device tree and initrd" if initrd_size is not None else "device tree"
         raise ImageError(f"no room for the {what} above the image: need RAM up to {end:#x}, "
                          f"RAM ends at {ram.end:#x}")
-    return BootLayout(image, dtb_addr, initrd_addr)
+    return BootLayout(image, dtb_addr, initrd_addr, end)

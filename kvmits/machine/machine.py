@@ -3,15 +3,17 @@
     m = Machine(MachineConfig(cpus=4, mem_size=256 << 20, its="kernel"), console=sys.stdout.buffer)
     m.load("guest.bin")                 # or a Linux Image, with cmdline= and initrd=
     m.start()
+    print(m.its.snapshot().to_json())   # either ITS: kvmits.machine.its.MachineIts
     with m.paused():                    # every vCPU outside KVM_RUN: device attributes work
-        print(hex(m.its.get_reg(GITS_TYPER)))
+        print(hex(m.its.device.get_reg(GITS_TYPER)))     # the kernel's ITS device itself
     print(m.wait(timeout=10))           # MachineExit(reason="poweroff", status=0, ...)
     m.close()
 
 Bring-up order (the one the kernel accepts, confirmed on the testbed): VM, RAM, vCPUs (vCPU 0
 with PSCI 0.2, the others also powered off, to be started by PSCI CPU_ON, which KVM handles),
-the vGICv3 and its addresses, the ITS (create, address, init), vGIC init; then the image and the
-device tree, and the threads.
+the vGICv3 and its addresses, the in-kernel ITS (create, address, init: the guest's, or the hidden
+one behind the userspace ITS), vGIC init; then the rest of the userspace ITS (memory slots,
+model, routes), the image and the device tree, and the threads.
 """
 
 from __future__ import annotations
@@ -25,31 +27,29 @@ from typing import BinaryIO
 
 from kvmits import uapi
 from kvmits.errors import KvmError
-from kvmits.gic import KernelIts, VGicV3
+from kvmits.gic import VGicV3
 from kvmits.gic.regs import MPIDR_EL1, arm64_sysreg_id
 from kvmits.kvm import GuestMemory, Kvm, arm_irq
 from kvmits.machine.bus import MmioBus, MmioDevice
 from kvmits.machine.devicetree import Initrd, build_dtb
 from kvmits.machine.loader import BootLayout, place_image, plan_layout
 from kvmits.machine.memmap import UART_SPI, MemoryMap
-from kvmits.machine.its.routes import MsiRoutes
 from kvmits.machine.devices.pl011 import Pl011
+from kvmits.machine.its import ITS_IMPLEMENTATIONS, ITS_KINDS, MachineIts, NoItsError
 from kvmits.machine.runner import MachineExit, VcpuRunner
 
 log = logging.getLogger(__name__)
 
-#: the ITS kinds a machine can have: "kernel", the in-kernel ITS; "user", kvmits' Python model
-#: as the guest's ITS, delivering through a hidden in-kernel ITS (kvmits.machine.its.user);
-#: None: no ITS, and the guest sees no LPIs at all
-ITS_KINDS = ("kernel", "user")
 DEFAULT_MEM_SIZE = 128 << 20
 DEFAULT_NR_IRQS = 128
 
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """What the user chooses. `its`: "kernel" or None; `nr_irqs`: 32 private + SPIs, multiple
-    of 32; `agent`: map the guest agent's mailbox device (kvmits.machine.agent) at 0x0A000000."""
+    """What the user chooses. `its`: "kernel" (the in-kernel ITS), "user" (kvmits' Python model
+    as the guest's ITS, delivering through a hidden in-kernel ITS) or None (no ITS: the guest
+    sees no LPIs); `nr_irqs`: 32 private + SPIs, multiple of 32; `agent`: map the guest agent's
+    mailbox device (kvmits.machine.devices.agent_mailbox) at MemoryMap.agent."""
 
     cpus: int = 1
     mem_size: int = DEFAULT_MEM_SIZE
@@ -80,9 +80,8 @@ class Machine:
         self.kvm = Kvm() if kvm is None else kvm
         self.vm = None
         self.ram: GuestMemory | None = None
-        self.its: KernelIts | None = None
-        self.msi_routes: MsiRoutes | None = None
-        self.user_its = None
+        #: the guest's ITS, whichever kind (kvmits.machine.its.MachineIts); None with its=None
+        self.its: MachineIts | None = None
         self.agent = None
         self.boot: BootLayout | None = None
         self.dtb: bytes | None = None
@@ -113,22 +112,21 @@ class Machine:
         self.gic.set_dist_base(mm.gicd.base)
         self.gic.set_redist_base(mm.gicr.base)
         self.gic.set_nr_irqs(self.config.nr_irqs)
-        if self.config.its == "kernel":
-            self.its = KernelIts(self.vm)
-            self.its.set_base(mm.its.base)
-            self.its.ctrl_init()
-            self.msi_routes = MsiRoutes(self.vm, self.its.doorbell)
-        elif self.config.its == "user":
-            from kvmits.machine.its.user import UserIts
-
-            self.user_its = UserIts(self.config.its_config, self.config.translater_devid)
-            self.user_its.create(self.vm)       # the hidden ITS: initialised before the vGIC too
+        its_class = ITS_IMPLEMENTATIONS.get(self.config.its)
+        if its_class is not None:
+            its_device = its_class.create(self.vm, mm)      # an ITS is initialised before the vGIC
         self.gic.ctrl_init()
+        if its_class is not None:
+            self.its = its_class.attach(self.vm, its_device, memmap=mm, ram=self.ram, vgic=self.gic,
+                                        mpidr=self.mpidrs[0], nr_vcpus=mm.cpus, pause=self.paused,
+                                        config=self.config.its_config, translater_devid=self.config.translater_devid)
 
         self.bus = MmioBus()
         self.uart = Pl011(console, irq=self._uart_irq)
         self._uart_irq_line = arm_irq(uapi.KVM_ARM_IRQ_TYPE_SPI, 32 + UART_SPI)
         self.bus.add(mm.uart.base, mm.uart.size, self.uart, "pl011")
+        if self.its is not None and self.its.frame_device is not None:
+            self.bus.add(mm.its.base, mm.its.size, self.its.frame_device, f"its ({self.its.kind})")
         if self.config.agent:
             from kvmits.machine.agent import AgentDevice   # imported only when asked for
             # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
@@ -136,8 +134,6 @@ class Machine:
                                      describe_cpu=lambda cpu: self.runner.describe(cpu))
             self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
         self.runner = VcpuRunner(self.vcpus, self.bus)
-        if self.user_its is not None:
-            self.user_its.attach(self)
         if self.agent is not None:
             # host calls waiting for the guest fail at once when the VM ends, instead of timing out
             self.runner.add_end_listener(lambda result, error: self.agent.stop(error or result.reason))
@@ -224,25 +220,20 @@ class Machine:
 
     # -- MSIs ----------------------------------------------------------------------------------------
     def signal_msi(self, devid: int, eventid: int) -> int:
-        """KVM_SIGNAL_MSI of EventID `eventid` from DeviceID `devid` to the in-kernel ITS's
-        GITS_TRANSLATER: 1 if delivered, 0 if it does not translate; KvmError(EBUSY) while the
-        guest has not enabled the ITS. No pause needed."""
-        if self.user_its is not None:
-            # translated in Python, injected through the hidden ITS (the slow path, every step
-            # visible to the model's observers)
-            return self.user_its.signal_msi(devid, eventid)
-        if self.its is None:
-            raise RuntimeError("this machine has no ITS (its=None)")
-        return self.vm.signal_msi(self.its.doorbell, eventid, devid=devid)
+        """An MSI of EventID `eventid` from DeviceID `devid` to the guest's ITS: 1 if delivered,
+        0 if it does not translate; KvmError(EBUSY) while the guest has not enabled the
+        kernel's ITS. No pause needed (MachineIts.signal_msi)."""
+        return self._its().signal_msi(devid, eventid)
 
     def set_msi_routes(self, table) -> dict:
         """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
-        (see kvmits.machine.its.routes.MsiRoutes.set)."""
-        if self.user_its is not None:
-            return self.user_its.routes.set(table)
-        if self.msi_routes is None:
-            raise RuntimeError("this machine has no in-kernel ITS (its=None)")
-        return self.msi_routes.set(table)
+        (MachineIts.set_msi_routes)."""
+        return self._its().set_msi_routes(table)
+
+    def _its(self) -> MachineIts:
+        if self.its is None:
+            raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
+        return self.its
 
     # -- EXPERIMENTAL: an LPI by number ------------------------------------------------------------
     def inject_lpi(self, intid: int) -> None:
@@ -285,14 +276,12 @@ class Machine:
                 runner.wait()
             except Exception as exc:    # noqa: BLE001 - closing: the failure was (or will not be) reported
                 log.debug("closing after a failed VM: %r", exc)
-        if self.msi_routes is not None and self.vm is not None:
-            self.msi_routes.close()
-        if self.user_its is not None and self.vm is not None:
-            self.user_its.detach()
+        if self.its is not None:
+            self.its.detach()
         if self.vm is not None:
             self.vm.close()
-        if self.user_its is not None:
-            self.user_its.close()
+        if self.its is not None:
+            self.its.close()
         if self.ram is not None:
             self.ram.close()
         if self._own_kvm:

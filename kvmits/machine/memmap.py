@@ -5,27 +5,35 @@
     0x080A_0000  GICR     128 KiB/vCPU    one redistributor per vCPU, up to 0x0900_0000
     0x0900_0000  PL011 UART       4 KiB
     0x0A00_0000  agent mailbox    4 KiB   (kvmits.machine.agent, when enabled)
+    0x0B00_0000  hidden ITS     128 KiB   its="user" only: the in-kernel ITS the userspace ITS
+                                          delivers through, covered by a read-write slot
+    0x0C00_0000  hidden ITS's     1 MiB   its="user" only: its tables and command queue, a
+                 private memory           read-only slot for the guest
     0x4000_0000  RAM      user's choice
 
 Guest programs and Linux find the same devices where QEMU's `virt` puts them, so what works
-under one usually works under the other.
+under one usually works under the other. The hidden ITS and its memory sit in the hole between
+the mailbox and RAM, and the device tree describes neither (kvmits.machine.its.hidden).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from kvmits.gic.regs import GICR_STRIDE, GITS_FRAME_SIZE
+from kvmits.gic.regs import GICR_STRIDE
+from kvmits.gic.vgic import GICD_SIZE
+from kvmits.its.registers import ITS_FRAME_SIZE
+from kvmits.machine.agent import MAILBOX_BASE, MAILBOX_SIZE
 
 GICD_BASE = 0x0800_0000
-GICD_SIZE = 0x1_0000
 ITS_BASE = 0x0808_0000
-ITS_SIZE = GITS_FRAME_SIZE
 GICR_BASE = 0x080A_0000
 UART_BASE = 0x0900_0000
 UART_SIZE = 0x1000
-AGENT_BASE = 0x0A00_0000
-AGENT_SIZE = 0x1000
+#: the hidden in-kernel ITS of its="user" (a 128 KiB ITS frame), and its private memory
+HIDDEN_ITS_BASE = 0x0B00_0000
+HIDDEN_ITS_PRIVATE_BASE = 0x0C00_0000
+HIDDEN_ITS_PRIVATE_SIZE = 0x10_0000
 RAM_BASE = 0x4000_0000
 
 #: the redistributors must end before the UART: (0x0900_0000 - 0x080A_0000) / 128 KiB = 123 vCPUs
@@ -69,10 +77,12 @@ class MemoryMap:
             raise ValueError(f"RAM of {ram_size:#x} bytes at {RAM_BASE:#x} exceeds the 40-bit IPA space")
         self.cpus = cpus
         self.gicd = Region("gicd", GICD_BASE, GICD_SIZE)
-        self.its = Region("its", ITS_BASE, ITS_SIZE)
+        self.its = Region("its", ITS_BASE, ITS_FRAME_SIZE)
         self.gicr = Region("gicr", GICR_BASE, cpus * GICR_STRIDE)
         self.uart = Region("uart", UART_BASE, UART_SIZE)
-        self.agent = Region("agent", AGENT_BASE, AGENT_SIZE)
+        self.agent = Region("agent", MAILBOX_BASE, MAILBOX_SIZE)
+        self.hidden_its = Region("hidden-its", HIDDEN_ITS_BASE, ITS_FRAME_SIZE)
+        self.hidden_its_private = Region("hidden-its-private", HIDDEN_ITS_PRIVATE_BASE, HIDDEN_ITS_PRIVATE_SIZE)
         self.ram = Region("ram", RAM_BASE, ram_size)
 
     def gicr_base(self, cpu: int) -> int:
@@ -82,7 +92,8 @@ class MemoryMap:
         return GICR_BASE + cpu * GICR_STRIDE
 
     def regions(self) -> tuple[Region, ...]:
-        return (self.gicd, self.its, self.gicr, self.uart, self.agent, self.ram)
+        return (self.gicd, self.its, self.gicr, self.uart, self.agent, self.hidden_its, self.hidden_its_private,
+                self.ram)
 
     def __repr__(self) -> str:
         return "MemoryMap(" + ", ".join(f"{r.name}={r.base:#x}+{r.size:#x}" for r in self.regions()) + ")"

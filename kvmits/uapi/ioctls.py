@@ -20,8 +20,9 @@ def _ioc(direction: int, nr: int, size: int) -> int:
     return (direction << _IOC_DIRSHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
-# name -> (direction, number, argument type or None); as in include/uapi/linux/kvm.h.
-# The x86-only and arm64-only ones are marked so the layout test checks each against its own headers.
+# name -> (direction, number, argument type or None, where: "generic", "x86" or "arm64"); as in
+# include/uapi/linux/kvm.h. `where` marks the x86-only and arm64-only ones, so that the layout
+# test checks each against its own architecture's headers.
 IOCTLS: dict[str, tuple[int, int, str | None, str]] = {
     # /dev/kvm
     "KVM_GET_API_VERSION": (_IOC_NONE, 0x00, None, "generic"),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmits.lab.guest_driver import BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE
+from kvmits.its.registers import GITS_BASER_TYPE_COLLECTION as BASER_TYPE_COLLECTION
+from kvmits.its.registers import GITS_BASER_TYPE_DEVICE as BASER_TYPE_DEVICE
 
 pytestmark = pytest.mark.arm64
 
@@ -173,20 +174,20 @@ def test_userspace_its_paths(lab):
     """In --its user mode: commands stop the vCPUs once per GITS_CWRITER write and run on the
     hidden ITS; signal_msi goes through the model; a translating irqfd never wakes Python, one
     that does not translate is served (and dropped, counted) by the Python slow path."""
-    user = lab.machine.user_its
-    if user is None:
+    user = lab.machine.its
+    if user.kind != "user":
         pytest.skip("kernel ITS: nothing of kvmits' in the delivery path")
     devid, intid = 0x1A, LPI + 160
-    stops, kicks = user.frame.stops, user.engine.kicks
+    stops, kicks = user.stops, user.hidden.kicks
     map_events(lab, devid, {0: (intid, 1)}, event_bits=1)
-    assert user.frame.stops - stops == 2        # MAPD, MAPTI: one stop per GITS_CWRITER write
-    assert user.engine.kicks - kicks == 1       # only MAPTI changed what the hidden ITS must do
-    assert user.engine.mapping()[intid] == 1
+    assert user.stops - stops == 2        # MAPD, MAPTI: one stop per GITS_CWRITER write
+    assert user.hidden.kicks - kicks == 1       # only MAPTI changed what the hidden ITS must do
+    assert user.hidden.mapping()[intid] == 1
 
-    msis, injected = user.model.msis, user.engine.injected
+    msis, injected = user.model.msis, user.hidden.injected
     assert lab.msi(devid, 0) == 1
     lab.expect(cpu=1, intid=intid)
-    assert (user.model.msis - msis, user.engine.injected - injected) == (1, 1)
+    assert (user.model.msis - msis, user.hidden.injected - injected) == (1, 1)
 
     efds = lab.routes({(devid, 0): 20, (devid, 1): 21})         # event 1 has no ITE
     assert user.routes.compiles >= 1
@@ -209,16 +210,17 @@ def test_guest_cannot_reach_the_hidden_its(lab):
     """The hidden ITS and its memory are the VMM's: a guest writing over the hidden ITS's frame
     (covered by a RAM slot) and over its private memory (a read-only slot) changes nothing the
     VMM relies on."""
-    user = lab.machine.user_its
-    if user is None:
+    user = lab.machine.its
+    if user.kind != "user":
         pytest.skip("kernel ITS: there is no hidden ITS")
-    from kvmits.gic.regs import GITS_CBASER, GITS_CTLR, GITS_CWRITER, GITS_TRANSLATER
+    from kvmits.its.registers import GITS_CBASER, GITS_CTLR, GITS_CWRITER, GITS_TRANSLATER
     from kvmits.machine.its.hidden import CQ_OFFSET, ITT_OFFSET
-    from kvmits.machine.its.user import HIDDEN_ITS_BASE, PRIVATE_BASE
+    from kvmits.machine.memmap import HIDDEN_ITS_BASE
+    from kvmits.machine.memmap import HIDDEN_ITS_PRIVATE_BASE as PRIVATE_BASE
 
     devid, intid = 0x1B, LPI + 176
     map_events(lab, devid, {0: (intid, 2)})
-    private_before = user.private.read(user.private.gpa, user.private.size)
+    private_before = user.hidden.private.read(user.hidden.private.gpa, user.hidden.private.size)
     a = lab.agent
     # What disabled the uncovered hidden ITS on the testbed: GITS_CTLR = 0, from the guest.
     a.write(0, HIDDEN_ITS_BASE + GITS_CTLR, 4, 0)
@@ -228,10 +230,10 @@ def test_guest_cannot_reach_the_hidden_its(lab):
     assert a.read(0, HIDDEN_ITS_BASE + GITS_CWRITER, 8) == 0x7FE0     # plain RAM answers
     for off in (0, 0x10000, CQ_OFFSET, CQ_OFFSET + 0x20, ITT_OFFSET, ITT_OFFSET + 8 * (intid - LPI)):
         a.write(0, PRIVATE_BASE + off, 8, 0xDEAD_BEEF_DEAD_BEEF)
-    assert user.private.read(user.private.gpa, user.private.size) == private_before
+    assert user.hidden.private.read(user.hidden.private.gpa, user.hidden.private.size) == private_before
     lab.expect_none()                                    # the TRANSLATER write went nowhere
     with lab.machine.paused():
-        assert user.kernel_its.get_reg(GITS_CTLR) & 1      # still enabled
+        assert user.hidden.kernel_its.get_reg(GITS_CTLR) & 1      # still enabled
     assert lab.msi(devid, 0) == 1
     lab.expect(cpu=2, intid=intid)
     lab.its.movi(devid, 0, 0)                            # commands still reach it

@@ -63,7 +63,6 @@ def programs():
 def test_both_itses_dump_and_translate_the_same(labs, name):
     from kvmits.cli.its import snapshot_differences, translations_agree
     from kvmits.its.query import translation_to_json
-    from kvmits.machine.its import query as its_query
     from kvmits.lab.its_program import ProgramRunner
 
     batches = dict(programs())[name]
@@ -75,26 +74,26 @@ def test_both_itses_dump_and_translate_the_same(labs, name):
     kernel, user = snaps["kernel"], snaps["user"]
     assert snapshot_differences(kernel, user) == []
     assert kernel.dump["devices"], "the program mapped nothing"
-    assert user == its_query.snapshot(labs["user"].machine)          # reading the model changes nothing
+    assert user == labs["user"].machine.its.snapshot()          # reading the model changes nothing
 
     hits = []
     for devid in DEVIDS:
         for eventid in EVENTIDS:
             k = kernel.translate(devid, eventid)
-            u = its_query.translate(labs["user"].machine, devid, eventid)     # the model, live
+            u = labs["user"].machine.its.translate(devid, eventid)     # the model, live
             agree, _ = translations_agree({"kernel": translation_to_json(k), "user": translation_to_json(u)})
             assert agree, (devid, eventid, k, u)
             if k.ok:
                 hits.append((devid, eventid, k))
     assert hits
-    # the kernel's query through its_query itself (a SAVE_TABLES per call) answers the same
+    # the kernel's query through MachineIts.translate itself (a SAVE_TABLES per call) answers the same
     devid, eventid, k = hits[0]
-    assert its_query.translate(labs["kernel"].machine, devid, eventid) == k
+    assert labs["kernel"].machine.its.translate(devid, eventid) == k
 
     # What MSIs really do, in both ITSes: the LPI reaches the vCPU KVM has it on, which the
     # userspace ITS's hidden ITS tracks (HiddenIts.mapping): the translation's vCPU, unless
     # the LPI is shared by ITEs or was moved by MOVALL (KVM keeps one target per LPI).
-    where = labs["user"].machine.user_its.engine.mapping()
+    where = labs["user"].machine.its.hidden.mapping()
     unshared = [h for h in hits if kernel.lpi_users(h[2].intid) == [h[:2]]]
     time.sleep(0.2)                                  # LPIs the programs' INT commands raised
     for lab in labs.values():

@@ -27,7 +27,8 @@ from tests.conftest import arm64_kvm_unavailable_reason
 
 from kvmits import uapi
 from kvmits.errors import KvmError
-from kvmits.gic.regs import GICR_TYPER, GITS_CTLR, GITS_IIDR, GITS_TYPER
+from kvmits.gic.regs import GICR_TYPER
+from kvmits.its.registers import GITS_CTLR, GITS_IIDR, GITS_TYPER
 
 pytestmark = pytest.mark.arm64
 
@@ -181,7 +182,7 @@ def test_four_vcpus_cpu_on_pause_resume_and_the_its(machine):
 
     # vCPUs asleep in WFI are inside KVM_RUN: the kernel refuses attribute access
     with pytest.raises(KvmError) as busy:
-        m.its.get_reg(GITS_IIDR)
+        m.its.device.get_reg(GITS_IIDR)
     assert busy.value.errno == errno.EBUSY
 
     pauses = []
@@ -190,9 +191,9 @@ def test_four_vcpus_cpu_on_pause_resume_and_the_its(machine):
         with m.paused(TIMEOUT):
             pauses.append(time.perf_counter() - t0)
             assert set(m.runner.states()) <= {"PARKED", "OUTSIDE"}
-            iidr = m.its.get_reg(GITS_IIDR)
-            typer = m.its.get_reg(GITS_TYPER)
-            ctlr = m.its.get_reg(GITS_CTLR)
+            iidr = m.its.device.get_reg(GITS_IIDR)
+            typer = m.its.device.get_reg(GITS_TYPER)
+            ctlr = m.its.device.get_reg(GITS_CTLR)
             gicr_typers = [m.gic.get_redist_reg64(mpidr, GICR_TYPER) for mpidr in m.mpidrs]
     print(f"\npause_all: {', '.join(f'{1e3 * t:.2f}' for t in pauses)} ms (4 vCPUs, 3 in WFI)")
     print(f"GITS_IIDR={iidr:#x} GITS_TYPER={typer:#x} GITS_CTLR={ctlr:#x} "

@@ -6,6 +6,7 @@ import pytest
 
 from kvmits import uapi
 from kvmits.gic import KernelIts, VGicV3, regs
+from kvmits.its import registers as R
 
 
 class RecordingDevice:
@@ -57,9 +58,9 @@ def test_sysreg_encodings():
 
 
 def test_gits_baser_offsets():
-    assert regs.GITS_BASER(0) == 0x100 and regs.GITS_BASER(7) == 0x138
+    assert R.GITS_BASER(0) == 0x100 and R.GITS_BASER(7) == 0x138
     with pytest.raises(ValueError):
-        regs.GITS_BASER(8)
+        R.GITS_BASER(8)
 
 
 def test_vgic_bring_up_calls():
@@ -110,7 +111,7 @@ def test_vgic_validates_before_the_kernel():
 
 
 def test_its_calls_and_doorbell():
-    vm = FakeVm({(uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, regs.GITS_IIDR): 0x4B00043B})
+    vm = FakeVm({(uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, R.GITS_IIDR): 0x4B00043B})
     its = KernelIts(vm)
     dev = vm.devices[0]
     assert dev.type == uapi.KVM_DEV_TYPE_ARM_VGIC_ITS
@@ -121,8 +122,8 @@ def test_its_calls_and_doorbell():
     its.set_base(0x08080000)
     its.ctrl_init()
     assert its.doorbell == 0x08090040
-    assert its.get_reg(regs.GITS_IIDR) == 0x4B00043B
-    its.set_reg(regs.GITS_CWRITER, 0x20)
+    assert its.get_reg(R.GITS_IIDR) == 0x4B00043B
+    its.set_reg(R.GITS_CWRITER, 0x20)
     its.save_tables()
     its.restore_tables()
     its.ctrl_reset()
@@ -130,8 +131,8 @@ def test_its_calls_and_doorbell():
     assert dev.calls == [
         ("set", uapi.KVM_DEV_ARM_VGIC_GRP_ADDR, uapi.KVM_VGIC_ITS_ADDR_TYPE, 0x08080000, 8),
         ("set", grp_ctrl, uapi.KVM_DEV_ARM_VGIC_CTRL_INIT, None, 8),
-        ("get", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, regs.GITS_IIDR, None, 8),
-        ("set", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, regs.GITS_CWRITER, 0x20, 8),
+        ("get", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, R.GITS_IIDR, None, 8),
+        ("set", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, R.GITS_CWRITER, 0x20, 8),
         ("set", grp_ctrl, uapi.KVM_DEV_ARM_ITS_SAVE_TABLES, None, 8),
         ("set", grp_ctrl, uapi.KVM_DEV_ARM_ITS_RESTORE_TABLES, None, 8),
         ("set", grp_ctrl, uapi.KVM_DEV_ARM_ITS_CTRL_RESET, None, 8),

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from kvmits.gic import regs
+from kvmits.its import registers as R
 from kvmits.its import ItsModel, RecordingSink, Redistributors
 from kvmits.kvm import GuestMemory
-from kvmits.lab.guest_driver import (BASER_TYPE_COLLECTION, BASER_TYPE_DEVICE, DriverError, GuestGic,
-                                         GuestHeap, GuestIts)
+from kvmits.lab.guest_driver import DriverError, GuestGic, GuestHeap, GuestIts
 
 RAM = 0x40000000
 ITS = 0x08080000
@@ -37,7 +37,7 @@ class FakeGuest:
 
     def read(self, addr, width):
         self.accesses.append(("r", addr, width))
-        if ITS <= addr < ITS + regs.GITS_FRAME_SIZE:
+        if ITS <= addr < ITS + R.ITS_FRAME_SIZE:
             return self.its.mmio_read(addr - ITS, width)
         cpu, off = self._gicr(addr)
         if off == regs.GICR_TYPER:
@@ -46,7 +46,7 @@ class FakeGuest:
 
     def write(self, addr, width, value):
         self.accesses.append(("w", addr, width, value))
-        if ITS <= addr < ITS + regs.GITS_FRAME_SIZE:
+        if ITS <= addr < ITS + R.ITS_FRAME_SIZE:
             return self.its.mmio_write(addr - ITS, width, value)
         cpu, off = self._gicr(addr)
         if off == regs.GICR_CTLR and not self.lpis:
@@ -95,11 +95,11 @@ def test_its_setup_and_mapping_reach_the_model(setup, two_level):
     _ram, sink, model, _guest, gic, its = setup
     ident = its.identify()
     assert ident["GITS_IIDR"] == 0x4B00043B and ident["GITS_TYPER"] == 0x1EF71
-    assert [b["type"] for b in ident["baser"][:2]] == [BASER_TYPE_DEVICE, BASER_TYPE_COLLECTION]
+    assert [b["type"] for b in ident["baser"][:2]] == [R.GITS_BASER_TYPE_DEVICE, R.GITS_BASER_TYPE_COLLECTION]
     gic.enable_lpis(enabled=True)
     its.setup(two_level=two_level)
     assert model.enabled
-    assert its.tables[BASER_TYPE_DEVICE].indirect is two_level
+    assert its.tables[R.GITS_BASER_TYPE_DEVICE].indirect is two_level
     for cpu in range(CPUS):
         its.mapc(cpu, cpu)
     its.mapd(0x1234, event_bits=4)

@@ -1,6 +1,6 @@
-"""A stand-in machine for what reads a machine's ITS (kvmits.machine.its.query, the control
-socket, `kvmits its --connect`) without arm64 KVM: the userspace ITS's model as is, or the
-model standing in for the kernel's ITS behind the attribute calls its_query makes."""
+"""A stand-in machine for what reads a machine's ITS (MachineIts, the control socket, `kvmits
+its --connect`) without arm64 KVM: the userspace ITS's model as is, or the model standing in
+for the kernel's ITS behind the attribute calls KernelMachineIts makes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 from kvmits.errors import KvmError
 from kvmits.its import commands as C
+from kvmits.machine.its import KernelMachineIts, UserMachineIts
+from kvmits.machine.memmap import ITS_BASE
 from tests.its.ramfake import Harness, itt
 
 
@@ -22,8 +24,10 @@ def mapped_harness() -> Harness:
 
 
 class FakeKernelIts:
-    """The model behind the KVM attribute calls its_query makes; every call checks the vCPUs
+    """The model behind the KVM attribute calls KernelMachineIts makes; every call checks the vCPUs
     are paused, as KVM does (EBUSY otherwise)."""
+
+    base = ITS_BASE
 
     def __init__(self, model, paused):
         self.model, self.paused = model, paused
@@ -44,7 +48,8 @@ class FakeKernelIts:
 
 
 def fake_machine(h: Harness, kind: str):
-    """A machine whose ITS is `kind` ("kernel", "user" or "none") over the harness's model."""
+    """A machine whose ITS is `kind` ("kernel", "user" or "none") over the harness's model: the
+    real MachineIts implementations, over stand-ins for KVM."""
     paused = threading.Event()
 
     @contextlib.contextmanager
@@ -55,11 +60,12 @@ def fake_machine(h: Harness, kind: str):
         finally:
             paused.clear()
 
-    m = SimpleNamespace(config=SimpleNamespace(cpus=3), ram=h.ram, paused=pause, its=None, user_its=None)
+    m = SimpleNamespace(config=SimpleNamespace(cpus=3), ram=h.ram, paused=pause, its=None)
     if kind == "user":
         # the hidden ITS's LPI -> vCPU: here simply each live ITE's target
-        engine = SimpleNamespace(mapping=lambda: {i: t for _, _, i, _, t in h.its.live_mappings()})
-        m.user_its = SimpleNamespace(model=h.its, frame=SimpleNamespace(lock=threading.Lock()), engine=engine)
+        hidden = SimpleNamespace(mapping=lambda: {i: t for _, _, i, _, t in h.its.live_mappings()},
+                                 kicks=0, commands=0, injected=0, dropped=0)
+        m.its = UserMachineIts(h.its, hidden, pause, lpi_limit=None, base=ITS_BASE, ram=h.ram, nr_vcpus=3)
     elif kind == "kernel":
-        m.its = FakeKernelIts(h.its, paused)
+        m.its = KernelMachineIts(SimpleNamespace(fd=-1), FakeKernelIts(h.its, paused), h.ram, 3, pause)
     return m

@@ -12,9 +12,9 @@ import stat
 import pytest
 
 from kvmits.errors import KvmError
-from kvmits.gic.regs import GITS_CTLR
+from kvmits.its.registers import GITS_CTLR
 from kvmits.its.query import ItsSnapshot, model_snapshot
-from kvmits.machine.its import query as its_query
+from kvmits.machine.its import NoItsError
 from kvmits.machine.control import MAX_REQUEST, ControlError, ControlServer, machine_handlers, request
 from tests.machine.its_fakes import fake_machine, mapped_harness
 
@@ -74,21 +74,21 @@ def test_a_stale_socket_is_replaced_but_not_a_file(sock_path):
     assert open(sock_path).read() == "mine"
 
 
-def test_its_query_reads_either_its():
+def test_either_its_reads_alike():
     h = mapped_harness()
-    user = its_query.snapshot(fake_machine(h, "user"))
-    kernel_machine = fake_machine(h, "kernel")
-    kernel = its_query.snapshot(kernel_machine)
-    assert kernel_machine.its.saves == 1
+    user_machine, kernel_machine = fake_machine(h, "user"), fake_machine(h, "kernel")
+    user = user_machine.its.snapshot()
+    kernel = kernel_machine.its.snapshot()
+    assert kernel_machine.its.device.saves == 1
     assert user == model_snapshot(h.its)
     assert kernel.its == "kernel" and kernel.orphans is None and kernel.same_state(user)
-    assert its_query.translate(kernel_machine, 4, 1) == its_query.translate(fake_machine(h, "user"), 4, 1)
-    assert its_query.translate(kernel_machine, 4, 2).reason_name == "no-ite"          # an orphan
-    assert its_query.translate(fake_machine(h, "user"), 4, 2).reason_name == "collection-unmapped"
+    assert kernel_machine.its.translate(4, 1) == user_machine.its.translate(4, 1)
+    assert kernel_machine.its.translate(4, 2).reason_name == "no-ite"          # an orphan
+    assert user_machine.its.translate(4, 2).reason_name == "collection-unmapped"
     h.its.mmio_write(GITS_CTLR, 4, 0)
-    assert not its_query.snapshot(kernel_machine).enabled
-    with pytest.raises(its_query.NoItsError):
-        its_query.snapshot(fake_machine(h, "none"))
+    assert not kernel_machine.its.snapshot().enabled
+    with pytest.raises(NoItsError):
+        machine_handlers(fake_machine(h, "none"))["its-dump"]({})
 
 
 @pytest.mark.parametrize("kind", ["kernel", "user"])

@@ -1,4 +1,4 @@
-"""The userspace ITS's delivery path on the host: guest driver -> UserItsFrame -> ItsModel ->
+"""The userspace ITS's delivery path on the host: guest driver -> UserMachineIts -> ItsModel ->
 HiddenIts -> a stand-in for the hidden in-kernel ITS.
 
 The stand-in is a second ItsModel behind the same register interface KVM's ITS device offers
@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmits.gic import regs
+from kvmits.its import registers as R
 from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.its import commands as cmd
 from kvmits.kvm import GuestMemory
 from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine.its.hidden import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
-from kvmits.machine.its.user import UserItsFrame
+from kvmits.machine.its.user import UserMachineIts
 
 RAM = 0x40000000
 ITS = 0x08080000
@@ -69,13 +70,13 @@ class StandInKernelIts:
     def __init__(self, memory):
         self.sink = KvmAffinitySink()
         self.model = ItsModel(memory, self.sink, CPUS)
-        self.doorbell = HIDDEN + regs.GITS_TRANSLATER
+        self.doorbell = HIDDEN + R.GITS_TRANSLATER
 
     def set_reg(self, offset, value):
-        self.model.mmio_write(offset, 4 if offset in (regs.GITS_CTLR,) else 8, value)
+        self.model.mmio_write(offset, 4 if offset in (R.GITS_CTLR,) else 8, value)
 
     def get_reg(self, offset):
-        return self.model.mmio_read(offset, 4 if offset in (regs.GITS_CTLR,) else 8)
+        return self.model.mmio_read(offset, 4 if offset in (R.GITS_CTLR,) else 8)
 
 
 class StandInVm:
@@ -87,6 +88,18 @@ class StandInVm:
         assert address == self.kernel_its.doorbell and devid == INJECTOR_DEVID
         self.msis.append(data)
         return 1 if self.kernel_its.model.signal_msi(devid, data) else 0
+
+
+class RecordingRoutes:
+    """The MSI routes as the command path sees them: the model's generation at each compile()."""
+
+    def __init__(self, model):
+        self.model = model
+        self.compiled = []
+
+    def compile(self, translate):
+        assert translate == self.model.translate
+        self.compiled.append(self.model.generation)
 
 
 class FixedLimit:
@@ -101,20 +114,20 @@ class FixedLimit:
 
 
 class Guest:
-    """A vCPU's loads/stores: the ITS frame goes to the UserItsFrame, GICR to a register file."""
+    """A vCPU's loads/stores: the ITS frame goes to the UserMachineIts, GICR to a register file."""
 
     def __init__(self, frame):
         self.frame = frame
         self.gicr = {}
 
     def read(self, addr, width):
-        if ITS <= addr < ITS + regs.GITS_FRAME_SIZE:
+        if ITS <= addr < ITS + R.ITS_FRAME_SIZE:
             return self.frame.mmio_read(0, addr - ITS, width)
         cpu, off = divmod(addr - GICR, regs.GICR_STRIDE)
         return 1 if off == regs.GICR_TYPER else self.gicr.get((cpu, off), 0)
 
     def write(self, addr, width, value):
-        if ITS <= addr < ITS + regs.GITS_FRAME_SIZE:
+        if ITS <= addr < ITS + R.ITS_FRAME_SIZE:
             return self.frame.mmio_write(0, addr - ITS, width, value)
         cpu, off = divmod(addr - GICR, regs.GICR_STRIDE)
         self.gicr[(cpu, off)] = value
@@ -133,7 +146,9 @@ class Rig:
         self.model.command_observers.append(lambda rec: self.guest_commands.append(rec.name))
         self.limit = FixedLimit()
         self.pauses = 0
-        self.frame = UserItsFrame(self.model, self.engine, self.pause, self.limit)
+        self.routes = RecordingRoutes(self.model)
+        self.frame = UserMachineIts(self.model, self.engine, self.pause, self.limit, base=ITS, ram=self.ram,
+                                    nr_vcpus=CPUS, routes=self.routes)
         self.guest = Guest(self.frame)
         heap = GuestHeap(self.ram, RAM + (1 << 20), RAM + (16 << 20))
         self.gic = GuestGic(self.guest, self.ram, heap, lambda c: GICR + c * regs.GICR_STRIDE, CPUS)
@@ -252,7 +267,7 @@ def test_a_register_write_that_unmaps_is_done_once_and_mirrored():
     rig = Rig()
     try:
         changes, writes = [], []
-        rig.frame.on_translation_change = lambda: changes.append(rig.model.generation)
+        rig.routes.compiled = changes
         model_write = rig.model.mmio_write
 
         def counting_write(offset, size, value, devid=0):
@@ -263,12 +278,12 @@ def test_a_register_write_that_unmaps_is_done_once_and_mirrored():
         rig.its.mapd(5, 2)
         rig.its.mapti(5, 1, 8301, 2)
         assert rig.engine.mapping() == {8301: 2}
-        baser0 = rig.its.read_reg(regs.GITS_BASER(0))
-        rig.its.write_reg(regs.GITS_CTLR, 0, 4)
+        baser0 = rig.its.read_reg(R.GITS_BASER(0))
+        rig.its.write_reg(R.GITS_CTLR, 0, 4)
         changes.clear()
         writes.clear()
-        rig.its.write_reg(regs.GITS_BASER(0), baser0 & ~(1 << 63))
-        assert writes == [regs.GITS_BASER(0)]
+        rig.its.write_reg(R.GITS_BASER(0), baser0 & ~(1 << 63))
+        assert writes == [R.GITS_BASER(0)]
         assert rig.model.dump()["devices"] == {}
         assert rig.engine.mapping() == {} and not rig.kernel.model.translate(INJECTOR_DEVID, 8301 - LPI_BASE).ok
         assert changes == [rig.model.generation]

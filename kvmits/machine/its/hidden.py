@@ -19,7 +19,7 @@ vgic_irq with one target vCPU, however many ITEs map it (vgic-its.c):
   `mapping()` is therefore where an MSI really goes, which can differ from the model's
   translation (the ITE's collection) for an LPI shared by ITEs or moved by MOVALL.
 
-Rules the kernel enforces (../shared/notes/lpi-delivery.md, Linux 6.1), and what we do:
+Rules the kernel enforces (docs/userspace-its.md, "What the kernel enforces"; Linux 6.1), and what we do:
 - every attribute access needs all vCPUs out of KVM_RUN (EBUSY otherwise): commands are queued
   in `batch()` and run by one GITS_CWRITER write in `flush()`, which the caller makes while the
   machine is paused. Outside a batch, `set_pending` (a translated MSI) goes straight to
@@ -38,14 +38,15 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from kvmits.gic.regs import GITS_BASER, GITS_CBASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER
 from kvmits.its import commands as cmd
+from kvmits.its.registers import (GITS_BASER, GITS_BASER_PAGE_SIZE_SHIFT, GITS_BASER_VALID, GITS_CBASER,
+                                  GITS_CBASER_VALID, GITS_CREADR, GITS_CTLR, GITS_CTLR_ENABLED, GITS_CWRITER,
+                                  LPI_BASE, PAGE_SIZE_ENCODING)
+from kvmits.machine.memmap import HIDDEN_ITS_PRIVATE_SIZE
 
 log = logging.getLogger(__name__)
 
-LPI_BASE = 8192
 INJECTOR_DEVID = 0
-PAGE_64K = 0x10000
 EVENT_BITS = 16                    # LPIs 8192 .. 2**16 - 1 (GITS_TYPER.IDbits of KVM's ITS is 16)
 
 # The VMM-private memory: all 64 KiB-aligned (KVM decodes BASER addresses in the 64K format).
@@ -54,11 +55,10 @@ CT_OFFSET = 0x10000                # collection table: 1 page
 CQ_OFFSET = 0x20000                # command queue: 64 KiB = 2048 commands
 CQ_SIZE = 0x10000
 ITT_OFFSET = 0x80000               # the injector's ITT: 2**16 events x 8 bytes = 512 KiB
-PRIVATE_SIZE = 0x100000
+PRIVATE_SIZE = HIDDEN_ITS_PRIVATE_SIZE
+assert ITT_OFFSET + (8 << EVENT_BITS) <= PRIVATE_SIZE, "the hidden ITS's memory map does not fit its slot"
 
-BASER_VALID = 1 << 63
-BASER_PAGE_64K = 0b10 << 8
-GITS_CTLR_ENABLED = 1
+_BASER_64K = GITS_BASER_VALID | PAGE_SIZE_ENCODING[0x10000] << GITS_BASER_PAGE_SIZE_SHIFT
 
 
 class HiddenItsError(RuntimeError):
@@ -98,9 +98,9 @@ class HiddenIts:
         p = self.private.gpa
         self.private.fill(p, PRIVATE_SIZE, 0)
         its = self.kernel_its
-        its.set_reg(GITS_BASER(0), p + DT_OFFSET | BASER_VALID | BASER_PAGE_64K)
-        its.set_reg(GITS_BASER(1), p + CT_OFFSET | BASER_VALID | BASER_PAGE_64K)
-        its.set_reg(GITS_CBASER, p + CQ_OFFSET | BASER_VALID | (CQ_SIZE // 0x1000 - 1))
+        its.set_reg(GITS_BASER(0), p + DT_OFFSET | _BASER_64K)
+        its.set_reg(GITS_BASER(1), p + CT_OFFSET | _BASER_64K)
+        its.set_reg(GITS_CBASER, p + CQ_OFFSET | GITS_CBASER_VALID | (CQ_SIZE // 0x1000 - 1))
         its.set_reg(GITS_CWRITER, 0)
         its.set_reg(GITS_CTLR, GITS_CTLR_ENABLED)
         if not its.get_reg(GITS_CTLR) & GITS_CTLR_ENABLED:
