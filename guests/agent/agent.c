@@ -125,7 +125,7 @@ static void handle_irqs(struct percpu *pc)
 		/* EOI (priority drop and deactivate, EOImode 0) before the report: when the host
 		 * sees the report the interrupt is inactive, so a MOVI/MOVALL it sends in response is
 		 * not held back by KVM keeping an active interrupt on its vCPU
-		 * (shared/notes/lpi-delivery.md). */
+		 * (docs/userspace-its.md, "What the kernel enforces"). */
 		write_sysreg(ICC_EOIR1_EL1, iar);
 		isb();
 		n = (u64)intid - LPI_BASE;

@@ -1,6 +1,6 @@
 /*
  * The agent's mailbox protocol: the one definition shared by the guest (C and assembly)
- * and, through a test that parses this file, by kvmits/machine/agent.py.
+ * and, through a test that parses this file, by kvmits/machine/agent/protocol.py.
  * guests/README.md explains each register and request.
  *
  * Only "#define NAME value" lines with a decimal or hex value: the Python side reads them.

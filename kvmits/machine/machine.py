@@ -128,11 +128,13 @@ class Machine:
         if self.its is not None and self.its.frame_device is not None:
             self.bus.add(mm.its.base, mm.its.size, self.its.frame_device, f"its ({self.its.kind})")
         if self.config.agent:
-            from kvmits.machine.agent import AgentDevice   # imported only when asked for
+            from kvmits.machine.agent import Agent, AgentMailbox   # imported only when asked for
             # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
-            self.agent = AgentDevice(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic,
-                                     describe_cpu=lambda cpu: self.runner.describe(cpu))
-            self.bus.add(mm.agent.base, mm.agent.size, self.agent, "agent")
+            mailbox = AgentMailbox(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic,
+                                   describe_cpu=lambda cpu: self.runner.describe(cpu))
+            self.bus.add(mm.agent.base, mm.agent.size, mailbox, "agent")
+            #: the host API of the guest agent (kvmits.machine.agent.Agent); None without agent=True
+            self.agent = Agent(mailbox)
         self.runner = VcpuRunner(self.vcpus, self.bus)
         if self.agent is not None:
             # host calls waiting for the guest fail at once when the VM ends, instead of timing out

@@ -4,7 +4,7 @@
     0x0808_0000  ITS            128 KiB   in-kernel ITS (when the machine has one)
     0x080A_0000  GICR     128 KiB/vCPU    one redistributor per vCPU, up to 0x0900_0000
     0x0900_0000  PL011 UART       4 KiB
-    0x0A00_0000  agent mailbox    4 KiB   (kvmits.machine.agent, when enabled)
+    0x0A00_0000  agent mailbox    4 KiB   (kvmits.machine.devices.agent_mailbox, when enabled)
     0x0B00_0000  hidden ITS     128 KiB   its="user" only: the in-kernel ITS the userspace ITS
                                           delivers through, covered by a read-write slot
     0x0C00_0000  hidden ITS's     1 MiB   its="user" only: its tables and command queue, a
@@ -23,7 +23,7 @@ from typing import NamedTuple
 from kvmits.gic.regs import GICR_STRIDE
 from kvmits.gic.vgic import GICD_SIZE
 from kvmits.its.registers import ITS_FRAME_SIZE
-from kvmits.machine.agent import MAILBOX_BASE, MAILBOX_SIZE
+from kvmits.machine.agent.protocol import MAILBOX_BASE, MAILBOX_SIZE
 
 GICD_BASE = 0x0800_0000
 ITS_BASE = 0x0808_0000

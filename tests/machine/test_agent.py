@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmits.machine import agent as A
-from kvmits.machine.agent import (AgentDevice, AgentError, AgentPanic, AgentProtocolError, AgentRequestFailed,
+from kvmits.machine.agent import (Agent, AgentMailbox, AgentError, AgentPanic, AgentProtocolError, AgentRequestFailed,
                                   AgentStopped, AgentTimeout, ErrorCode, IrqMode, Op, SysReg)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ FAULT_ESR = 0x9600_0021            # data abort, same EL, alignment fault
 class FakeAgent(threading.Thread):
     """One vCPU running the agent: HELLO, then the request loop, through the device's bus methods."""
 
-    def __init__(self, dev: AgentDevice, cpu: int, memory: dict | None = None, version: int = A.AGENT_VERSION,
+    def __init__(self, dev: AgentMailbox, cpu: int, memory: dict | None = None, version: int = A.AGENT_VERSION,
                  answer: bool = True):
         super().__init__(daemon=True, name=f"fake-agent-{cpu}")
         self.dev, self.cpu, self.version, self.answer = dev, cpu, version, answer
@@ -104,7 +104,8 @@ class Rig:
     def __init__(self, **kw):
         self.fakes: dict[int, FakeAgent] = {}
         self.kicks: list[int] = []
-        self.dev = AgentDevice(GICD, gicr, self.kick, **kw)
+        self.mailbox = AgentMailbox(GICD, gicr, self.kick, **kw)
+        self.dev = Agent(self.mailbox)
 
     def kick(self, cpu):
         self.kicks.append(cpu)
@@ -112,7 +113,7 @@ class Rig:
             self.fakes[cpu].kicked.set()
 
     def boot(self, cpu, **kw) -> FakeAgent:
-        f = FakeAgent(self.dev, cpu, **kw)
+        f = FakeAgent(self.mailbox, cpu, **kw)
         self.fakes[cpu] = f
         f.start()
         return f
@@ -269,7 +270,7 @@ def test_timeout_names_the_op_and_vcpu_and_withdraws_the_request(rig):
                                            r"queued"):
         rig.dev.read(3, 0x0800_0004, 4, timeout=0.1)
     assert rig.kicks == [3]
-    assert rig.dev.mmio_read(3, A.MB_REQ, 8) == Op.WAIT   # the guest never sees the withdrawn request
+    assert rig.mailbox.mmio_read(3, A.MB_REQ, 8) == Op.WAIT   # the guest never sees the withdrawn request
 
 
 def test_timeout_says_what_the_vmm_knows_of_the_vcpu():
@@ -285,15 +286,15 @@ def test_timeout_of_a_request_taken_and_never_answered(rig):
         rig.dev.ping(0, 1, timeout=0.2)
     f.stop()
     # a late answer completes nothing and raises nothing
-    rig.dev.mmio_write(0, A.MB_RESULT, 8, 1)
-    assert rig.dev.mmio_read(0, A.MB_REQ, 8) == Op.WAIT
+    rig.mailbox.mmio_write(0, A.MB_RESULT, 8, 1)
+    assert rig.mailbox.mmio_read(0, A.MB_REQ, 8) == Op.WAIT
 
 
 def test_a_request_dropped_by_the_guest_fails(rig):
     req = rig.dev.post(0, Op.PING, 9)
-    assert rig.dev.mmio_read(0, A.MB_REQ, 8) == Op.PING
-    assert rig.dev.mmio_read(0, A.MB_ARG0, 8) == 9
-    assert rig.dev.mmio_read(0, A.MB_REQ, 8) == Op.WAIT   # asked again without answering
+    assert rig.mailbox.mmio_read(0, A.MB_REQ, 8) == Op.PING
+    assert rig.mailbox.mmio_read(0, A.MB_ARG0, 8) == 9
+    assert rig.mailbox.mmio_read(0, A.MB_REQ, 8) == Op.WAIT   # asked again without answering
     with pytest.raises(AgentProtocolError, match=r"took PING\(0x9\)"):
         req.wait(1)
 
@@ -337,7 +338,7 @@ def test_irq_reports_collected_per_vcpu(rig):
     def guest():
         for cpu, intid in ((0, 8192), (1, 8193), (0, 27 + 8192), (1, 8192)):
             time.sleep(0.01)
-            dev.mmio_write(cpu, A.MB_IRQ, 4, intid)
+            rig.mailbox.mmio_write(cpu, A.MB_IRQ, 4, intid)
 
     t = threading.Thread(target=guest)
     t.start()
@@ -352,7 +353,7 @@ def test_irq_reports_collected_per_vcpu(rig):
 
 
 def test_wait_irqs_timeout_carries_what_came(rig):
-    rig.dev.mmio_write(2, A.MB_IRQ, 4, 8200)
+    rig.mailbox.mmio_write(2, A.MB_IRQ, 4, 8200)
     with pytest.raises(AgentTimeout, match="1 of 2 interrupt report") as e:
         rig.dev.wait_irqs(2, timeout=0.1, intid=8200)
     assert [(c, i) for c, i, _ in e.value.irqs] == [(2, 8200)]
@@ -361,14 +362,14 @@ def test_wait_irqs_timeout_carries_what_came(rig):
 # -- panics and bad input --------------------------------------------------------------------------------
 def test_panic_fails_the_request_and_reaches_the_machine(rig):
     seen = []
-    rig.dev.on_panic = seen.append
+    rig.mailbox.on_panic = seen.append
     req = rig.dev.post(1, Op.READ, 0x4000_0000, 8)
-    assert rig.dev.mmio_read(1, A.MB_REQ, 8) == Op.READ
+    assert rig.mailbox.mmio_read(1, A.MB_REQ, 8) == Op.READ
     # the agent's panic(): FAR, ELR, kind, then the ESR
-    rig.dev.mmio_write(1, A.MB_PANIC_FAR, 8, 0x1234)
-    rig.dev.mmio_write(1, A.MB_PANIC_ELR, 8, 0x4008_0100)
-    rig.dev.mmio_write(1, A.MB_PANIC_KIND, 8, 4)
-    rig.dev.mmio_write(1, A.MB_PANIC, 8, 0x9600_0010)
+    rig.mailbox.mmio_write(1, A.MB_PANIC_FAR, 8, 0x1234)
+    rig.mailbox.mmio_write(1, A.MB_PANIC_ELR, 8, 0x4008_0100)
+    rig.mailbox.mmio_write(1, A.MB_PANIC_KIND, 8, 4)
+    rig.mailbox.mmio_write(1, A.MB_PANIC, 8, 0x9600_0010)
     with pytest.raises(AgentPanic, match=r"vCPU 1 panicked: unexpected synchronous \(EL1h\) exception, ESR "
                                          r"0x96000010 \(EC 0x25: data abort\), FAR 0x1234, ELR 0x40080100"):
         req.wait(1)
@@ -383,10 +384,10 @@ def test_panic_fails_the_request_and_reaches_the_machine(rig):
 
 
 def test_agent_detected_panics_are_explained(rig):
-    rig.dev.mmio_write(0, A.MB_PANIC_KIND, 8, A.PANIC_KIND_NO_SYSREG_GIC)
-    rig.dev.mmio_write(0, A.MB_PANIC, 8, 0)
-    rig.dev.mmio_write(5, A.MB_PANIC_KIND, 8, A.PANIC_KIND_BAD_CPU)
-    rig.dev.mmio_write(5, A.MB_PANIC, 8, 0x8000_0040)
+    rig.mailbox.mmio_write(0, A.MB_PANIC_KIND, 8, A.PANIC_KIND_NO_SYSREG_GIC)
+    rig.mailbox.mmio_write(0, A.MB_PANIC, 8, 0)
+    rig.mailbox.mmio_write(5, A.MB_PANIC_KIND, 8, A.PANIC_KIND_BAD_CPU)
+    rig.mailbox.mmio_write(5, A.MB_PANIC, 8, 0x8000_0040)
     msgs = [str(p) for p in rig.dev.panics]
     assert "no GICv3 system register interface" in msgs[0]
     assert "MPIDR_EL1 0x80000040" in msgs[1]
@@ -396,14 +397,14 @@ def test_on_panic_failure_does_not_escape_the_vcpu_thread(rig, caplog):
     def boom(exc):
         raise RuntimeError("machine bug")
 
-    rig.dev.on_panic = boom
-    rig.dev.mmio_write(0, A.MB_PANIC, 8, 0)
+    rig.mailbox.on_panic = boom
+    rig.mailbox.mmio_write(0, A.MB_PANIC, 8, 0)
     assert "on_panic callback failed" in caplog.text
 
 
 def test_bad_accesses_never_raise_and_are_counted_and_logged_once(rig, caplog):
-    dev = rig.dev
-    caplog.set_level(logging.WARNING, logger="kvmits.machine.agent")
+    dev = rig.mailbox
+    caplog.set_level(logging.WARNING, logger="kvmits.machine.devices.agent_mailbox")
     reads = [(A.MB_REQ, 4), (A.MB_REQ + 4, 8), (0x1F8, 8), (0xFFF, 1), (A.MB_ARG0, 8), (A.MB_ARG0, 8),
              (A.MB_RESULT, 8)]
     assert [dev.mmio_read(0, off, size) for off, size in reads] == [0] * len(reads)
