@@ -33,7 +33,6 @@ ABI_REV0_ENTRY_SIZE = 8
 COLLECTION_NOT_MAPPED = 0xFFFF_FFFF
 DTE_MAX_NEXT = (1 << 14) - 1
 ITE_MAX_NEXT = (1 << 16) - 1
-LPI_MIN_INTID = LPI_BASE          # TEMP alias, replaced below
 L1_ENTRY_SIZE = 8
 _ADDR52 = (1 << 52) - 1
 
@@ -349,7 +348,7 @@ def read_tables(mem, baser0: int, baser1: int, *, nr_vcpus: int | None = None,
             ite = decode_ite(raw)
             if not ite.intid:
                 return 1
-            if ite.intid < LPI_MIN_INTID:
+            if ite.intid < LPI_BASE:
                 raise ItsTableError(f"device {devid:#x} event {eventid}: pINTID {ite.intid} < 8192")
             if eventid + ite.next >= limit:
                 raise ItsTableError(f"device {devid:#x} event {eventid}: next {ite.next} "

@@ -31,6 +31,8 @@ from kvmits.its.config import (
 )
 from kvmits.its.interfaces import NullSink, Redistributors
 
+COMMAND_NUMBER_MASK = C.COMMAND_NUMBER_MASK
+
 log = logging.getLogger("kvmits.its")
 
 # -- translation results -------------------------------------------------------------------
@@ -155,7 +157,9 @@ class ItsModel:
         self.generation = 0
         self._processing = False
         self._build_dispatch()
-        self._handlers = {
+        # Each handler takes its command's fields, read as IHI 0069 5.3 lays them out: the
+        # reads are compiled from the one table of layouts (kvmits.its.commands.LAYOUTS).
+        handlers = {
             C.GITS_CMD_MAPD: self._cmd_mapd, C.GITS_CMD_MAPC: self._cmd_mapc,
             C.GITS_CMD_MAPTI: self._cmd_mapti, C.GITS_CMD_MAPI: self._cmd_mapi,
             C.GITS_CMD_MOVI: self._cmd_movi, C.GITS_CMD_MOVALL: self._cmd_movall,
@@ -163,6 +167,7 @@ class ItsModel:
             C.GITS_CMD_INVALL: self._cmd_invall, C.GITS_CMD_INT: self._cmd_int,
             C.GITS_CMD_CLEAR: self._cmd_clear, C.GITS_CMD_SYNC: self._cmd_sync,
         }
+        self._handlers = {cmd: C.LAYOUTS[cmd].bind(handler) for cmd, handler in handlers.items()}
         self._init_state()
 
     # ==========================================================================================
@@ -533,7 +538,7 @@ class ItsModel:
                         done += 1
                         continue
                 for dws in unpack(block):
-                    cmd = dws[0] & 0xFF
+                    cmd = dws[0] & COMMAND_NUMBER_MASK
                     err = handlers.get(cmd, unknown)(*dws)
                     if err:
                         self._command_failed(err, self._creadr, cmd, dws)
@@ -653,11 +658,7 @@ class ItsModel:
         return abi.table_entry_address(self.memory, self._ct, icid, 16) is not None
 
     # -- one handler per command ------------------------------------------------------------------
-    def _cmd_mapd(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        devid = dw0 >> 32
-        size_bits = (dw1 & 0x1F) + 1
-        itt_addr = dw2 & 0x000F_FFFF_FFFF_FF00
-        valid = dw2 >> 63
+    def _cmd_mapd(self, devid: int, size_bits: int, itt_addr: int, valid: int) -> int:
         if abi.table_entry_address(self.memory, self._dt, devid, self._devbits) is None:
             return C.E_ITS_MAPD_DEVICE_OOR
         if valid and size_bits > self.config.idbits:
@@ -681,12 +682,10 @@ class ItsModel:
             self._mapping_changed("MAPD", devid)
         return 0
 
-    def _cmd_mapc(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        icid = dw2 & 0xFFFF
-        target = (dw2 >> 16) & 0xFFFF_FFFF
+    def _cmd_mapc(self, icid: int, target: int, valid: int) -> int:
         if target >= self.redistributors.nr_vcpus:
             return C.E_ITS_MAPC_PROCNUM_OOR     # checked for V=0 too (KVM)
-        if not dw2 >> 63:
+        if not valid:
             if icid in self._collections or icid in self._placeholders:
                 self._unmap_collection(icid)
                 self._mapping_changed("MAPC", icid=icid)
@@ -725,7 +724,7 @@ class ItsModel:
             return e_unmapped
         if eventid >> dev.size_bits:
             return e_event
-        if intid < abi.LPI_MIN_INTID or intid >= self.redistributors.lpi_intid_limit():
+        if intid < R.LPI_BASE or intid >= self.redistributors.lpi_intid_limit():
             return e_intid
         old = dev.events.get(eventid)
         if old is not None and self.config.mapti_overwrite is MaptiOverwrite.KEEP_OLD:
@@ -756,18 +755,14 @@ class ItsModel:
                     C.E_ITS_MAPI_UNMAPPED_DEVICE, C.E_ITS_MAPI_ID_OOR,
                     C.E_ITS_MAPI_PHYSICALID_OOR)
 
-    def _cmd_mapti(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        return self._map_interrupt("MAPTI", self._MAPTI_ERRORS, dw0 >> 32, dw1 & 0xFFFF_FFFF,
-                                   dw1 >> 32, dw2 & 0xFFFF)
+    def _cmd_mapti(self, devid: int, eventid: int, intid: int, icid: int) -> int:
+        return self._map_interrupt("MAPTI", self._MAPTI_ERRORS, devid, eventid, intid, icid)
 
-    def _cmd_mapi(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        eventid = dw1 & 0xFFFF_FFFF
-        return self._map_interrupt("MAPI", self._MAPI_ERRORS, dw0 >> 32, eventid, eventid,
-                                   dw2 & 0xFFFF)
+    def _cmd_mapi(self, devid: int, eventid: int, icid: int) -> int:
+        # MAPI is MAPTI with pINTID = EventID (IHI 0069 5.3.10)
+        return self._map_interrupt("MAPI", self._MAPI_ERRORS, devid, eventid, eventid, icid)
 
-    def _cmd_movi(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        devid = dw0 >> 32
-        eventid = dw1 & 0xFFFF_FFFF
+    def _cmd_movi(self, devid: int, eventid: int, icid: int) -> int:
         err, dev, ite = self._lookup(C.GITS_CMD_MOVI, devid, eventid)
         if err:
             return err
@@ -775,7 +770,6 @@ class ItsModel:
         old_target = self._collections.get(old_icid)
         if old_target is None:
             return C.E_ITS_MOVI_UNMAPPED_COLLECTION     # the ITE's own collection (KVM)
-        icid = dw2 & 0xFFFF
         new_target = self._collections.get(icid)
         if new_target is None:
             return C.E_ITS_MOVI_UNMAPPED_COLLECTION
@@ -792,9 +786,7 @@ class ItsModel:
             self._mapping_changed("MOVI", devid, eventid, icid)
         return 0
 
-    def _cmd_movall(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        target1 = (dw2 >> 16) & 0xFFFF_FFFF
-        target2 = (dw3 >> 16) & 0xFFFF_FFFF
+    def _cmd_movall(self, target1: int, target2: int) -> int:
         nr = self.redistributors.nr_vcpus
         if target1 >= nr or target2 >= nr:
             return C.E_ITS_MOVALL_PROCNUM_OOR
@@ -803,9 +795,7 @@ class ItsModel:
             self._mapping_changed("MOVALL")
         return 0
 
-    def _cmd_discard(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        devid = dw0 >> 32
-        eventid = dw1 & 0xFFFF_FFFF
+    def _cmd_discard(self, devid: int, eventid: int) -> int:
         err, dev, ite = self._lookup(C.GITS_CMD_DISCARD, devid, eventid)
         if err:
             return err
@@ -819,8 +809,8 @@ class ItsModel:
         self._mapping_changed("DISCARD", devid, eventid, ite[1])
         return 0
 
-    def _cmd_int(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        err, _, ite = self._lookup(C.GITS_CMD_INT, dw0 >> 32, dw1 & 0xFFFF_FFFF)
+    def _cmd_int(self, devid: int, eventid: int) -> int:
+        err, _, ite = self._lookup(C.GITS_CMD_INT, devid, eventid)
         if err:
             return err
         target = self._collections.get(ite[1])
@@ -829,8 +819,8 @@ class ItsModel:
         self.sink.set_pending(ite[0], target)
         return 0
 
-    def _cmd_clear(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        err, _, ite = self._lookup(C.GITS_CMD_CLEAR, dw0 >> 32, dw1 & 0xFFFF_FFFF)
+    def _cmd_clear(self, devid: int, eventid: int) -> int:
+        err, _, ite = self._lookup(C.GITS_CMD_CLEAR, devid, eventid)
         if err:
             return err
         target = self._collections.get(ite[1])
@@ -842,8 +832,8 @@ class ItsModel:
         self.sink.clear_pending(ite[0], target)
         return 0
 
-    def _cmd_inv(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        err, _, ite = self._lookup(C.GITS_CMD_INV, dw0 >> 32, dw1 & 0xFFFF_FFFF)
+    def _cmd_inv(self, devid: int, eventid: int) -> int:
+        err, _, ite = self._lookup(C.GITS_CMD_INV, devid, eventid)
         if err:
             return err
         target = self._collections.get(ite[1])
@@ -855,14 +845,14 @@ class ItsModel:
         self.sink.invalidate(ite[0], target)
         return 0
 
-    def _cmd_invall(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
-        target = self._collections.get(dw2 & 0xFFFF)
+    def _cmd_invall(self, icid: int) -> int:
+        target = self._collections.get(icid)
         if target is None:
             return C.E_ITS_INVALL_UNMAPPED_COLLECTION
         self.sink.invalidate_all(target)
         return 0
 
-    def _cmd_sync(self, dw0: int, dw1: int, dw2: int, dw3: int) -> int:
+    def _cmd_sync(self, rdbase: int) -> int:
         # Every command takes effect before the next one starts: SYNC has nothing to wait
         # for. (KVM does not check its RDbase either.)
         return 0
@@ -1155,7 +1145,7 @@ def _parse_state(state: dict, nr_vcpus: int, config: ItsConfig):
             if not isinstance(ite, (list, tuple)) or len(ite) != 3:
                 raise ValueError(f"ITS state: device {devid} event {eventid} must be "
                                  "[intid, icid, orphan]")
-            intid = integer(ite[0], "an INTID", abi.LPI_MIN_INTID, 0xFFFF_FFFF)
+            intid = integer(ite[0], "an INTID", R.LPI_BASE, 0xFFFF_FFFF)
             icid = integer(ite[1], "an ICID", 0, 0xFFFF)
             events[eventid] = (intid, icid, boolean(ite[2], "an orphan flag"))
         total += len(events)
