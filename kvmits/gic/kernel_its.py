@@ -27,6 +27,15 @@ class KernelIts:
         self.device = vm.create_device(uapi.KVM_DEV_TYPE_ARM_VGIC_ITS)
         self.base: int | None = None
 
+    @classmethod
+    def initialised(cls, vm, base: int) -> KernelIts:
+        """A new ITS with its frame at `base` and KVM_DEV_ARM_VGIC_CTRL_INIT done: what the
+        vGIC's own CTRL_INIT must come after (arm-vgic-its.rst)."""
+        its = cls(vm)
+        its.set_base(base)
+        its.ctrl_init()
+        return its
+
     # -- KVM_DEV_ARM_VGIC_GRP_ADDR / GRP_CTRL --------------------------------------------------
     def set_base(self, gpa: int) -> None:
         """KVM_VGIC_ITS_ADDR_TYPE: the ITS frame's 64 KiB-aligned guest-physical base (128 KiB:

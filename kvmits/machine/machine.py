@@ -29,6 +29,7 @@ from kvmits import uapi
 from kvmits.errors import KvmError
 from kvmits.gic import VGicV3
 from kvmits.gic.regs import MPIDR_EL1, arm64_sysreg_id
+from kvmits.its.registers import LPI_BASE
 from kvmits.kvm import GuestMemory, Kvm, arm_irq
 from kvmits.machine.bus import MmioBus, MmioDevice
 from kvmits.machine.devicetree import Initrd, build_dtb
@@ -247,15 +248,16 @@ class Machine:
         in-kernel ITS has mapped (the kernel's ITS, or the hidden one behind the userspace ITS):
         otherwise EINVAL. INTIDs between the last SPI and 8191 would trip a kernel WARN, so they
         are refused here. Nothing else in kvmits uses this; see lpi_injection_works()."""
-        if not 8192 <= intid <= uapi.KVM_ARM_IRQ_NUM_MASK:
-            raise ValueError(f"INTID {intid} is not an LPI KVM_IRQ_LINE can name (8192..65535)")
+        if not LPI_BASE <= intid <= uapi.KVM_ARM_IRQ_NUM_MASK:
+            raise ValueError(f"INTID {intid} is not an LPI KVM_IRQ_LINE can name "
+                             f"({LPI_BASE}..{uapi.KVM_ARM_IRQ_NUM_MASK})")
         self.vm.irq_line(arm_irq(uapi.KVM_ARM_IRQ_TYPE_SPI, intid), 1)
 
     def lpi_injection_works(self, intid: int) -> bool:
         """Probe, without side effects, whether inject_lpi(intid) would be accepted: a level-0
         KVM_IRQ_LINE, which does nothing to an (edge-triggered) LPI, is accepted for an LPI an
         in-kernel ITS has mapped and refused (EINVAL) otherwise, or by a kernel without the path."""
-        if not 8192 <= intid <= uapi.KVM_ARM_IRQ_NUM_MASK:
+        if not LPI_BASE <= intid <= uapi.KVM_ARM_IRQ_NUM_MASK:
             return False
         try:
             self.vm.irq_line(arm_irq(uapi.KVM_ARM_IRQ_TYPE_SPI, intid), 0)

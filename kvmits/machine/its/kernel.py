@@ -42,10 +42,7 @@ class KernelMachineIts(MachineIts):
     @staticmethod
     def create(vm, memmap) -> KernelIts:
         """The in-kernel ITS at the guest's ITS address, initialised."""
-        device = KernelIts(vm)
-        device.set_base(memmap.its.base)
-        device.ctrl_init()
-        return device
+        return KernelIts.initialised(vm, memmap.its.base)
 
     @classmethod
     def attach(cls, vm, device: KernelIts, *, memmap, ram, vgic, mpidr: int, nr_vcpus: int,

@@ -107,10 +107,7 @@ class UserMachineIts(MachineIts):
     @staticmethod
     def create(vm, memmap) -> KernelIts:
         """The hidden in-kernel ITS, initialised (attach() does the rest)."""
-        device = KernelIts(vm)
-        device.set_base(memmap.hidden_its.base)
-        device.ctrl_init()
-        return device
+        return KernelIts.initialised(vm, memmap.hidden_its.base)
 
     @classmethod
     def attach(cls, vm, device: KernelIts, *, memmap, ram, vgic, mpidr: int, nr_vcpus: int,
