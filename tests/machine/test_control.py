@@ -1,6 +1,6 @@
 """The control socket (kvmits.machine.control) and what it answers about a machine's ITS, on a
 stand-in machine: the userspace ITS's model, and the model standing in for the kernel's ITS
-behind the attribute calls kvmits.machine.its.query makes (the real kernel: tests/arm64)."""
+behind the attribute calls KernelMachineIts makes (the real kernel: tests/arm64)."""
 
 from __future__ import annotations
 
