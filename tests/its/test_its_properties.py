@@ -1,9 +1,10 @@
 """Property-based tests: hostile register writes, command streams and tables.
 
 Settings come from a hypothesis profile, chosen by KVMITS_ITS_PROFILE ("its-ci": a few
-seconds, the default, derandomized so CI is reproducible; "its-thorough": many more random
-examples, for hunting). Profiles are applied per test,
-so other test suites' hypothesis settings are untouched.
+seconds, the default, derandomized so CI is reproducible; "its-random": as many examples, drawn
+from the seed pytest's --hypothesis-seed gives, which tools/test picks and prints, so CI also
+explores; "its-thorough": many more random examples, for hunting). Profiles are applied per
+test, so other test suites' hypothesis settings are untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from tests.its.ramfake import COLLECTION_TABLE, DEVICE_TABLE, RAM_BASE, RAM_SIZE
 
 settings.register_profile("its-ci", max_examples=100, deadline=None, derandomize=True,
                           database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("its-random", max_examples=100, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("its-thorough", max_examples=1500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile(os.environ.get("KVMITS_ITS_PROFILE", "its-ci"))
