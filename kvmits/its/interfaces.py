@@ -41,7 +41,8 @@ class LpiSink(Protocol):
     processing or `signal_msi`; they must not call back into the model's command queue.
 
     Order for one command: MOVI calls `move` first, then `unmapped(old)` and `mapped(new)`;
-    DISCARD calls `clear_pending` then `unmapped`.
+    DISCARD calls `unmapped`, after `clear_pending` if ItsConfig.discard_clears_pending (KVM
+    leaves a pending LPI pending).
     """
 
     def set_pending(self, intid: int, target: int) -> None:

@@ -804,7 +804,8 @@ class ItsModel:
             # KVM refuses (and keeps the ITE) when its collection is not mapped; a physical
             # ITS needs the target Redistributor to remove the pending state.
             return C.E_ITS_DISCARD_UNMAPPED_COLLECTION
-        self.sink.clear_pending(ite[0], target)
+        if self.config.discard_clears_pending:
+            self.sink.clear_pending(ite[0], target)
         self._remove_ite(devid, dev, eventid)
         self._mapping_changed("DISCARD", devid, eventid, ite[1])
         return 0

@@ -1,5 +1,11 @@
 """Differential check of the two ITSes: the same random command program, run by the same guest
-driver, on the kernel's ITS and on kvmits' userspace ITS; then the final mapping states compared.
+driver, on the kernel's ITS and on kvmits' userspace ITS; then the final mapping states and the
+pending LPIs compared.
+
+Pending state: each program runs with the guest masked (every vCPU's PSTATE.I set), so what its
+INT commands make pending stays pending while the rest of the program moves (MOVI, MOVALL, MAPC),
+clears (CLEAR, DISCARD) or unmaps it; then the guest unmasks and every LPI still pending is taken,
+on the vCPU KVM has it on. The (vCPU, INTID) lists of both ITSes must be equal.
 
 Both states are read the same way, the way a VMM migrates an ITS: its tables are saved into
 guest memory in the kernel's ABI rev 0 (Documentation/virt/kvm/devices/arm-vgic-its.rst) --
@@ -151,7 +157,7 @@ def generate_program(seed: int, length: int = LENGTH, cpus: int = 4) -> list[lis
 
     valid_makers = [
         (2, mapd), (2, mapc), (8, mapti), (3, on_live("MOVI")), (2, on_live("DISCARD")),
-        (1, on_live("INT")), (1, on_live("CLEAR")), (1, on_live("INV")),
+        (3, on_live("INT")), (1, on_live("CLEAR")), (1, on_live("INV")),
         (1, lambda: Op("INVALL", (mapped_icid(),))),
         (1, lambda: Op("MOVALL", (rng.randrange(cpus), rng.randrange(cpus)))),
         (1, lambda: Op("SYNC", (rng.randrange(cpus),))),
@@ -250,6 +256,9 @@ def probe_ops(orphans) -> list[Op]:
 
 class ProgramResult(NamedTuple):
     seed: int
+    #: (vCPU, INTID) of every LPI pending at the end of the program, which ran with the guest
+    #: masked: taken once the guest unmasked (ItsLab.unmask)
+    pending: list
     #: canonical dump of the saved tables, plus "untargeted": the ICIDs of collections known
     #: without a target (saved with RDBase = COLLECTION_NOT_MAPPED)
     dump: dict
@@ -265,13 +274,17 @@ def run_program(lab, seed: int, length: int = LENGTH, probe=None) -> ProgramResu
     (a userspace ITS knows them; the kernel's none)."""
     lab.reset_its()
     runner = ProgramRunner(lab)
-    count = runner.run(generate_program(seed, length, lab.cpus))
+    lab.mask()
+    try:
+        count = runner.run(generate_program(seed, length, lab.cpus))
+    finally:
+        pending = lab.unmask()
     orphans = lab.orphaned_ites()
     probe = (orphans or ()) if probe is None else probe
     if probe:
         count += runner.run([probe_ops(probe)])
     content = lab.its_tables()
-    return ProgramResult(seed, dict(content.dump, untargeted=list(content.unmapped_collections)),
+    return ProgramResult(seed, pending, dict(content.dump, untargeted=list(content.unmapped_collections)),
                          count, orphans)
 
 
@@ -280,6 +293,17 @@ def run_pair(kernel_lab, user_lab, seed: int, length: int = LENGTH) -> tuple[Pro
     user = run_program(user_lab, seed, length)
     kernel = run_program(kernel_lab, seed, length, probe=user.orphans or ())
     return kernel, user
+
+
+def compare_pending(kernel: list, user: list) -> list[str]:
+    """Differences between two programs' pending LPIs ((vCPU, INTID) lists), by LPI."""
+    diffs = []
+    for intid in sorted({i for _, i in kernel} | {i for _, i in user}):
+        k = [c for c, i in kernel if i == intid]
+        u = [c for c, i in user if i == intid]
+        if k != u:
+            diffs.append(f"LPI {intid} pending on vCPU(s): kernel {k}, user {u}")
+    return diffs
 
 
 def compare(kernel: dict, user: dict, orphans=()) -> list[str]:

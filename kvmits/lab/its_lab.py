@@ -22,7 +22,7 @@ from kvmits.its import commands as cmd
 from kvmits.its.query import ItsSnapshot
 from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
 from kvmits.machine import Machine, MachineConfig
-from kvmits.machine.agent import Agent, AgentTimeout, guest_program
+from kvmits.machine.agent import Agent, AgentTimeout, IrqMode, guest_program
 
 DEFAULT_MEM = 256 << 20
 
@@ -107,6 +107,30 @@ class ItsLab:
     def routes(self, table: dict[tuple[int, int], int]) -> dict:
         """irqfd routes (DeviceID, EventID) -> GSI; returns (DeviceID, EventID) -> EventFd."""
         return self.machine.set_msi_routes(table)
+
+    # -- masked phases: what is pending, and where ---------------------------------------------
+    def mask(self) -> None:
+        """Every vCPU stops taking interrupts (the agent's IrqMode.MASKED: PSTATE.I set), so
+        LPIs made pending stay pending, where the ITS and KVM put them. Earlier reports are
+        dropped."""
+        for cpu in range(self.cpus):
+            self.agent.irq_mode(cpu, IrqMode.MASKED)
+        self.agent.take_irqs()
+
+    def unmask(self) -> list[tuple[int, int]]:
+        """Every vCPU takes interrupts again; returns the (vCPU, INTID) of each interrupt taken
+        then, sorted: what was pending, on the vCPU KVM had it on."""
+        for cpu in range(self.cpus):
+            self.agent.irq_mode(cpu, IrqMode.REPORT)
+        # A vCPU takes what is pending on it as soon as it unmasks; an LPI KVM re-targeted
+        # while it sat on another vCPU's list moves at that vCPU's next exit: a round of pings
+        # (one exit each), a pause, and another round leave nothing in flight.
+        for _ in range(2):
+            for cpu in range(self.cpus):
+                self.agent.ping(cpu)
+            time.sleep(0.05)
+        self.agent.check()
+        return sorted((cpu, intid) for cpu, intid, _ in self.agent.take_irqs())
 
     # -- what the guest saw ------------------------------------------------------------------
     def expect(self, cpu: int, intid: int, timeout: float = 10.0) -> float:

@@ -102,6 +102,22 @@ def movall_then_mapc_to_the_same_target(lab):
     lab.its.mapc(1, 1)
 
 
+def discard_of_a_pending_lpi(lab):
+    """DISCARD frees the ITE; KVM leaves the LPI pending (ItsConfig.discard_clears_pending)."""
+    lab.its.mapd(DEVID, 1)
+    lab.its.mapti(DEVID, 0, LPI_BASE + 5, 2)
+    lab.its.int_(DEVID, 0)
+    lab.its.discard(DEVID, 0)
+
+
+def int_after_movall(lab):
+    """INT makes the LPI pending where KVM has it (MOVALL moved it), not where its ITE says."""
+    lab.its.mapd(DEVID, 1)
+    lab.its.mapti(DEVID, 0, LPI_BASE + 6, 2)
+    lab.its.movall(2, 0)
+    lab.its.int_(DEVID, 0)
+
+
 CASES = [
     # (name, commands, the LPI, where the model says it is pending)
     ("mapc_retarget_after_movall", retarget_after_int, LPI_BASE, 1),
@@ -109,6 +125,8 @@ CASES = [
     ("movall", movall_of_a_pending_lpi, LPI_BASE + 2, 2),
     ("movi", movi_of_a_pending_lpi, LPI_BASE + 3, 3),
     ("movall_then_mapc_same_target", movall_then_mapc_to_the_same_target, LPI_BASE + 4, 1),
+    ("discard", discard_of_a_pending_lpi, LPI_BASE + 5, 2),
+    ("int_after_movall", int_after_movall, LPI_BASE + 6, 0),
 ]
 
 
@@ -116,6 +134,6 @@ CASES = [
 def test_a_pending_lpi_is_delivered_where_the_kernel_moved_it(lab, name, commands, intid, model_cpu):
     pending, took = masked_then_delivered(lab, intid, commands)
     print(f"\n{os.uname().release}, its={lab.mode}, {name}: pending on vCPU(s) {pending} (ICC_HPPIR1_EL1), "
-          f"taken on {took}; the model says {model_cpu}")
+          f"taken on {took}; expected {model_cpu}")
     assert took == [model_cpu]
     assert pending == [model_cpu]

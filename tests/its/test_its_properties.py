@@ -169,7 +169,7 @@ class Reference:
             ite = self.ite(devid, eventid)
             if ite is None or self.mapped_target(ite) is None:
                 return True
-            self.pending.discard((ite[0], self.mapped_target(ite)))
+            # KVM frees the ITE only: a pending LPI stays pending (ItsConfig.discard_clears_pending)
             del self.devices[devid][2][eventid]
             return False
         if cmd == C.GITS_CMD_INT:

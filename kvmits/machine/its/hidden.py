@@ -170,8 +170,11 @@ class HiddenIts:
     # -- the LPI sink (kvmits.its.LpiSink) -------------------------------------------------------
     def set_pending(self, intid: int, target: int) -> None:
         if self._batching or self._queue or intid not in self._target:
-            # inside command processing: in order with the MAPTI/MOVI queued before it
-            self._align(intid, target)
+            # inside command processing: in order with the MAPTI/MOVI queued before it. An LPI
+            # the hidden ITS has is made pending where KVM has it, which after a MOVALL (or for
+            # an LPI several ITEs map) is not the translation's `target`: INT does not move it
+            if intid not in self._target:
+                self._align(intid, target)
             self._emit(cmd.encode_int(INJECTOR_DEVID, intid - LPI_BASE))
             return
         if self._target[intid] != target:
