@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kvmits.its import commands as C
-from kvmits.lab.differential import LENGTH, PROBE_LPI, compare, generate_program, probe_ops
+from kvmits.lab.differential import LENGTH, PROBE_LPI, compare, compare_pending, generate_program, probe_ops
 from tests.its.ramfake import RAM_BASE, run_on_model
 
 CPUS = 4
@@ -70,3 +70,19 @@ def test_compare_names_every_difference():
          "model: the probe MAPTI took on the kernel)"),
         "device 0x7: kernel unmapped, user mapped",
     ]
+
+
+def test_compare_pending_names_every_difference():
+    kernel = [(0, 8192), (2, 8193), (2, 8195)]
+    assert compare_pending(kernel, list(kernel)) == []
+    assert compare_pending(kernel, [(0, 8192), (1, 8193), (2, 8194)]) == [
+        "LPI 8193 pending on vCPU(s): kernel [2], user [1]",
+        "LPI 8194 pending on vCPU(s): kernel [], user [2]",
+        "LPI 8195 pending on vCPU(s): kernel [2], user []",
+    ]
+
+
+def test_programs_make_lpis_pending():
+    """The masked programs compare pending state only if they raise some: INTs on live ITEs."""
+    ints = sum(op.name == "INT" for seed in range(1, 41) for batch in generate_program(seed) for op in batch)
+    assert ints >= 80
