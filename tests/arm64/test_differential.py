@@ -68,9 +68,10 @@ def test_the_two_itses_end_in_the_same_state(labs):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "issue 16, open: two known differences in 200 programs (seeds 55 and 194 from seed 1). "
-    "1. A CLEAR of an LPI pending on a masked vCPU: KVM (6.1) clears the vgic_irq's latch, but an "
-    "LPI already in the running vCPU's list register stays pending, so the kernel's outcome "
-    "depends on timing; the userspace ITS runs CLEAR with every vCPU stopped and it always clears. "
+    "1. A CLEAR of an LPI pending on a masked vCPU is lost now and then on the kernel's ITS (INT "
+    "then CLEAR: still pending in 2 of 20 trials on 6.1; never with the userspace ITS, which runs "
+    "CLEAR with every vCPU stopped): timing-dependent, likely the LPI sitting in the running "
+    "vCPU's list register while KVM clears the vgic_irq's latch. "
     "2. An LPI first mapped by an ITE whose collection has no target: KVM's vgic_irq gets no "
     "target, a later ITE on a mapped collection finds it so, and its INT is never delivered; the "
     "hidden ITS learns of the LPI only with a target and delivers it. Strict: once both are "
