@@ -17,20 +17,13 @@ import pytest
 
 from kvmits.its.registers import GITS_BASER_TYPE_COLLECTION as BASER_TYPE_COLLECTION
 from kvmits.its.registers import GITS_BASER_TYPE_DEVICE as BASER_TYPE_DEVICE
+from kvmits.its.registers import LPI_BASE
+from tests.arm64.conftest import LAB_CPUS
 
 pytestmark = pytest.mark.arm64
 
-CPUS = 4
-LPI = 8192
-
-
-@pytest.fixture(scope="module", params=["kernel", "user"])
-def lab(arm64_kvm, request):
-    from kvmits.lab.its_lab import ItsLab
-
-    with ItsLab(cpus=CPUS, its=request.param) as lab:
-        lab.setup()
-        yield lab
+CPUS = LAB_CPUS              # the shared `lab` fixture's (tests/arm64/conftest.py)
+LPI = LPI_BASE
 
 
 @pytest.fixture(autouse=True)

@@ -19,22 +19,12 @@ import pytest
 
 from kvmits.its.registers import LPI_BASE
 from kvmits.machine.agent import IrqMode, SysReg
+from tests.arm64.conftest import LAB_CPUS
 
 pytestmark = pytest.mark.arm64
 
-CPUS = 4
-#: ICC_HPPIR1_EL1.INTID when nothing is pending (IHI 0069 12.1.8: a special INTID)
-SPURIOUS = 1023
+CPUS = LAB_CPUS              # the shared `lab` fixture's (tests/arm64/conftest.py)
 DEVID = 0x61
-
-
-@pytest.fixture(scope="module", params=["kernel", "user"])
-def lab(arm64_kvm, request):
-    from kvmits.lab.its_lab import ItsLab
-
-    with ItsLab(cpus=CPUS, its=request.param) as lab:
-        lab.setup()
-        yield lab
 
 
 def pending_where(lab, intid: int) -> list[int]:
