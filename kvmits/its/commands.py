@@ -199,7 +199,8 @@ class Layout:
 
     - `read(dw0, dw1, dw2, dw3)`: the fields' values as a tuple, in `fields` order;
     - `bind(handler)`: the same values passed to `handler` (the model's command dispatch);
-    - `encode(**values)`: the 32 bytes of the command, every field masked to its width."""
+    - `encode(**values)`: the 32 bytes of the command, every field masked to its width (a
+      one-bit field set by any true value), compiled from the layout like the reads."""
 
     def __init__(self, number: int, fields: tuple[Field, ...]):
         self.number = number
@@ -221,21 +222,28 @@ class Layout:
         exec(compile(source, f"<ITS {self.name} layout>", "exec"), namespace)   # noqa: S102 - our own source
         self._bind = namespace[f"bind_{self.name}"]
         self.read = self.bind(lambda *values: values)
+        # the encoder, compiled the same way: one term per field, OR-ed into its doubleword;
+        # a one-bit field (V) takes any truth value, as a flag
+        terms: list[list[str]] = [[str(number)], [], [], []]
+        for f in fields:
+            if f.width == 1:
+                term = f"({1 << f.lsb:#x} if {f.key} else 0)"
+            else:
+                v = f"(int({f.key}) - {f.bias})" if f.bias else f"int({f.key})"
+                term = f"({v} & {f.mask << f.lsb:#x})" if f.in_place else f"(({v} & {f.mask:#x}) << {f.lsb})"
+            terms[f.dword].append(term)
+        body = ", ".join(" | ".join(t) if t else "0" for t in terms)
+        source = (f"def encode_{self.name}({', '.join(f.key for f in fields)}):\n"
+                  f"    return pack({body})\n")
+        namespace = {"pack": COMMAND.pack}
+        exec(compile(source, f"<ITS {self.name} encoder>", "exec"), namespace)   # noqa: S102 - our own source
+        self.encode = namespace[f"encode_{self.name}"]
 
     def bind(self, handler):
         """A function of (dw0, dw1, dw2, dw3) that calls `handler` with this command's field
         values, in `fields` order, read by expressions compiled from the layout: a command
         handler costs no more than one reading its fields by hand."""
         return self._bind(handler)
-
-    def encode(self, **values: int) -> bytes:
-        dws = [self.number, 0, 0, 0]
-        for f in self.fields:
-            v = int(values.pop(f.key)) - f.bias
-            dws[f.dword] |= (v & (f.mask << f.lsb)) if f.in_place else (v & f.mask) << f.lsb
-        if values:
-            raise TypeError(f"{self.name} has no field {', '.join(values)}")
-        return COMMAND.pack(*dws)
 
     def __repr__(self) -> str:
         return f"Layout({self.name}: {', '.join(f'{f.name} DW{f.dword}[{f.lsb + f.width - 1}:{f.lsb}]' for f in self.fields)})"

@@ -96,3 +96,19 @@ def test_bits_outside_the_fields_are_ignored(dws):
         assert layout.read(*again) == values
         for i in range(4):
             assert again[i] & ~dws[i] & ~C.COMMAND_NUMBER_MASK == 0
+
+
+def test_the_valid_flag_takes_any_truth_value():
+    """As the encoders always did: V is set by a true value, whatever it is (2, "yes"), and
+    clear for a false one (0, None)."""
+    for true in (True, 1, 2, "yes"):
+        assert dwords(C.encode_mapd(1, 0x100, 3, true))[2] >> 63 == 1
+        assert dwords(C.encode_mapc(1, 2, true))[2] >> 63 == 1
+    for false in (False, 0, None):
+        assert dwords(C.encode_mapd(1, 0x100, 3, false))[2] >> 63 == 0
+        assert dwords(C.encode_mapc(1, 2, false))[2] >> 63 == 0
+
+
+def test_an_encoder_names_its_fields():
+    with pytest.raises(TypeError):
+        C.LAYOUTS[C.GITS_CMD_INT].encode(devid=1, eventid=2, icid=3)

@@ -3,9 +3,12 @@
 The agent polls MB_REQ on each vCPU for the next request the host posted for that vCPU, reads
 its arguments, performs it and writes MB_RESULT or MB_ERROR; it reports HELLO when a vCPU comes
 online, every interrupt it takes (MB_IRQ), and a panic. This module is that device: the per-vCPU
-request queues, the Request a host waits on (kept here, with the queue that completes it), and
-the reports. The protocol is kvmits.machine.agent.protocol; the typed host API over post() is
-kvmits.machine.agent.host.Agent.
+request queues, the Request a host waits on, and the reports. The protocol is
+kvmits.machine.agent.protocol; the typed host API over post() is kvmits.machine.agent.host.Agent.
+
+Request lives here, with the queue that completes it, not with the host API: its state is
+guarded by its vCPU's slot lock (_Cpu.cond), the vCPU thread completes it from mmio_write, and
+a wait that times out withdraws it from that slot's queue. Only the device touches those.
 """
 
 from __future__ import annotations
@@ -98,9 +101,10 @@ class AgentMailbox:
     when an agent panics (e.g. to stop the VM).
 
     Guest-facing: mmio_read/mmio_write (from vCPU threads). Host-facing, from any thread: post()
-    a request, and the state the guest reports (HELLO, interrupts, panics) with the waits on it.
-    The typed requests are kvmits.machine.agent.host.Agent's. A mailbox access the protocol does not allow is logged once, counted in
-    `bad_accesses`, and otherwise ignored (reads return 0): guest input never raises here.
+    a request, and the state the guest reports (HELLO, interrupts, panics) with the waits on it;
+    stop() when the VM ends. The typed requests are kvmits.machine.agent.host.Agent's. A mailbox
+    access the protocol does not allow is logged once, counted in `bad_accesses`, and otherwise
+    ignored (reads return 0): guest input never raises here.
     """
 
     def __init__(self, gicd_base: int, gicr_base: Callable[[int], int] | None = None,
@@ -257,7 +261,7 @@ class AgentMailbox:
             except Exception:
                 log.exception("on_panic callback failed")
 
-    def _fail_pending(self, slot, error: BaseException) -> None:
+    def _fail_pending(self, slot: _Cpu, error: BaseException) -> None:
         """Fail the current and every queued request of `slot` with `error` (slot.cond held)."""
         pending = list(slot.queue)
         slot.queue.clear()
