@@ -152,22 +152,17 @@ def request(path: str, cmd: str, timeout: float = 120.0, **args) -> object:
 
 def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
     """What `kvmits run --control` answers about its machine."""
-    from kvmits.machine.its import NoItsError
-
-    def its() -> object:
-        if machine.its is None:
-            raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
-        return machine.its
+    from kvmits.machine.its import require_its
 
     def its_dump(_req: dict) -> dict:
-        return its().snapshot().to_json()
+        return require_its(machine).snapshot().to_json()
 
     def its_translate(req: dict) -> dict:
         devid, eventid = req["devid"], req["eventid"]
         for name, value in (("devid", devid), ("eventid", eventid)):
             if not isinstance(value, int) or not 0 <= value < 1 << 32:
                 raise ValueError(f"{name} must be an integer in 0..2**32-1, not {value!r}")
-        return its().translation_report(devid, eventid)
+        return require_its(machine).translation_report(devid, eventid)
 
     def info(_req: dict) -> dict:
         kind = machine.its.kind if machine.its is not None else None

@@ -36,7 +36,7 @@ from kvmits.machine.devicetree import Initrd, build_dtb
 from kvmits.machine.loader import BootLayout, place_image, plan_layout
 from kvmits.machine.memmap import UART_SPI, MemoryMap
 from kvmits.machine.devices.pl011 import Pl011
-from kvmits.machine.its import ITS_IMPLEMENTATIONS, ITS_KINDS, MachineIts, NoItsError
+from kvmits.machine.its import ITS_IMPLEMENTATIONS, ITS_KINDS, MachineIts, require_its
 from kvmits.machine.runner import MachineExit, VcpuRunner
 
 log = logging.getLogger(__name__)
@@ -226,17 +226,12 @@ class Machine:
         """An MSI of EventID `eventid` from DeviceID `devid` to the guest's ITS: 1 if delivered,
         0 if it does not translate; KvmError(EBUSY) while the guest has not enabled the
         kernel's ITS. No pause needed (MachineIts.signal_msi)."""
-        return self._its().signal_msi(devid, eventid)
+        return require_its(self).signal_msi(devid, eventid)
 
     def set_msi_routes(self, table) -> dict:
         """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
         (MachineIts.set_msi_routes)."""
-        return self._its().set_msi_routes(table)
-
-    def _its(self) -> MachineIts:
-        if self.its is None:
-            raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
-        return self.its
+        return require_its(self).set_msi_routes(table)
 
     # -- EXPERIMENTAL: an LPI by number ------------------------------------------------------------
     def inject_lpi(self, intid: int) -> None:

@@ -7,7 +7,7 @@
 - routes: irqfd MSI routes for each (MsiRoutes, UserMsiRoutes).
 """
 
-from kvmits.machine.its.interface import MachineIts, NoItsError
+from kvmits.machine.its.interface import MachineIts, NoItsError, require_its
 from kvmits.machine.its.kernel import KernelMachineIts
 from kvmits.machine.its.user import UserMachineIts
 
@@ -15,4 +15,4 @@ from kvmits.machine.its.user import UserMachineIts
 ITS_IMPLEMENTATIONS: dict[str, type[MachineIts]] = {"kernel": KernelMachineIts, "user": UserMachineIts}
 ITS_KINDS = tuple(ITS_IMPLEMENTATIONS)
 
-__all__ = ["MachineIts", "NoItsError", "KernelMachineIts", "UserMachineIts", "ITS_IMPLEMENTATIONS", "ITS_KINDS"]
+__all__ = ["MachineIts", "NoItsError", "require_its", "KernelMachineIts", "UserMachineIts", "ITS_IMPLEMENTATIONS", "ITS_KINDS"]

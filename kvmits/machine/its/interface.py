@@ -44,6 +44,13 @@ class NoItsError(KvmitsError):
     """The machine has no ITS (MachineConfig(its=None)): nothing to read."""
 
 
+def require_its(machine) -> MachineIts:
+    """`machine.its`, or NoItsError if the machine was created without one."""
+    if machine.its is None:
+        raise NoItsError("this machine has no ITS (it was created with its=None / --its none)")
+    return machine.its
+
+
 class MachineIts(abc.ABC):
     """The guest's ITS of one machine. `kind`: "kernel" or "user"; `base`: the guest-physical
     base of the 128 KiB GITS_* frame the guest is told about (device tree); `doorbell`: the
