@@ -128,3 +128,18 @@ def test_prune_keeps_only_the_closure(fs):
     fs.create_file(a.archives / "partial" / "x")
     a.prune([keep])
     assert sorted(p.name for p in a.archives.iterdir()) == [keep.filename, "partial"]
+
+
+def test_vmlinuz_members_of_both_package_layouts():
+    assert apt.vmlinuz_member("./boot/vmlinuz-6.1.0-57-arm64") == "vmlinuz-6.1.0-57-arm64"
+    assert apt.vmlinuz_member("./usr/lib/modules/7.2.13+deb14-arm64/vmlinuz") == "vmlinuz-7.2.13+deb14-arm64"
+    for other in ("./boot/config-6.1.0-57-arm64", "./usr/lib/modules/7.2.13/kernel/vmlinuz.ko",
+                  "./usr/lib/linux-image-6.12/vmlinuz"):
+        assert apt.vmlinuz_member(other) is None
+
+
+def test_binary_dependency():
+    depends = ("dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, "
+               "linux-base-7.2.13+deb14-arm64 (= 7.2.13-1), linux-binary-7.2.13+deb14-arm64 (= 7.2.13-1)")
+    assert apt.binary_dependency(depends) == Deb("linux-binary-7.2.13+deb14-arm64", "7.2.13-1", "arm64")
+    assert apt.binary_dependency("kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool") is None

@@ -5,6 +5,11 @@ apt runs as if on an arm64 machine with nothing installed: the host's sources
 status file under the cache directory. So `apt-get -s install PKGS` prints exactly the
 dependency closure of PKGS, and `apt-get download` fetches those .debs, checked against
 the signed indices. The host's dpkg is never told about arm64 (no --add-architecture).
+
+The same class, given its own source lines, is the apt of one extra Debian suite (trixie,
+bookworm-backports, ...) for `--kernel`: then even the host's sources are not read, only
+the lines written to its own sources.list, so nothing of that suite can reach the guest's
+root file system, which is always resolved by the host-sources instance.
 """
 
 from __future__ import annotations
@@ -81,12 +86,16 @@ def lists_fresh(stamp: Path, now: float, max_age: float = LISTS_MAX_AGE) -> bool
 
 
 class PrivateApt:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, sources: list[str] | None = None):
         self.root = root
         self.lists = root / "lists"
         self.archives = root / "cache" / "archives"
         self.status = root / "state" / "status"
         self.stamp = root / "lists.stamp"
+        # None: the host's sources. Else one-line-style source entries, the only ones read.
+        self.sources = sources
+        self.sourcelist = root / "sources.list"
+        self.sourceparts = root / "sources.list.d"
 
     def options(self) -> list[str]:
         r = self.root
@@ -106,13 +115,29 @@ class PrivateApt:
             "-o", "Acquire::Languages=none",
             # apt would drop to user _apt to download, which cannot write under root's home.
             "-o", "APT::Sandbox::User=root",
-        ]
+        ] + ([] if self.sources is None else [
+            # Replaces /etc/apt/sources.list and sources.list.d (an empty directory of ours):
+            # the host's apt configuration is never extended by a suite of the testbed's.
+            "-o", f"Dir::Etc::sourcelist={self.sourcelist}",
+            "-o", f"Dir::Etc::sourceparts={self.sourceparts}",
+        ])
 
     def prepare(self) -> None:
         for d in (self.lists / "partial", self.archives / "partial", self.status.parent):
             d.mkdir(parents=True, exist_ok=True)
         if not self.status.exists():
             self.status.write_text("")
+        if self.sources is not None:
+            self.sourceparts.mkdir(parents=True, exist_ok=True)
+            text = "".join(line + "\n" for line in self.sources)
+            try:
+                current = self.sourcelist.read_text()
+            except FileNotFoundError:
+                current = None
+            if current != text:
+                self.sourcelist.write_text(text)
+                # Lists fetched for other sources say nothing about these: update first.
+                self.stamp.unlink(missing_ok=True)
 
     def _apt(self, tool: str, *args: str, cwd: Path | None = None, capture: bool = False) -> str:
         cmd = [tool, *self.options(), *args]
@@ -127,7 +152,8 @@ class PrivateApt:
         return proc.stdout if capture else ""
 
     def update(self) -> None:
-        info("apt-get update (arm64 package lists, private to the testbed cache)")
+        which = "" if self.sources is None else f" of {self.root.name}"
+        info(f"apt-get update (arm64 package lists{which}, private to the testbed cache)")
         self._apt("apt-get", "update", capture=True)
         self.stamp.touch()
 
@@ -141,6 +167,10 @@ class PrivateApt:
         if not closure:
             raise TestbedError(f"arm64 apt resolved nothing for {' '.join(packages)}")
         return closure
+
+    def query(self, *args: str) -> str:
+        """apt-cache's output for args (madison, show, ...)."""
+        return self._apt("apt-cache", *args, capture=True)
 
     def download(self, debs: list[Deb]) -> None:
         missing = [d for d in debs if not (self.archives / d.filename).exists()]
@@ -192,28 +222,57 @@ def extract(deb: Path, dest: Path) -> None:
         raise TestbedError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()}")
 
 
+# Where a kernel package keeps the Image: ./boot/vmlinuz-<release> (bookworm, trixie), or
+# ./usr/lib/modules/<release>/vmlinuz (Debian's 7.x packages, where linux-image-<abi> is an
+# empty package depending on linux-binary-<abi>, which has it).
+_VMLINUZ_MEMBER = re.compile(r"(?:\./)?(?:boot/vmlinuz-(?P<boot>.+)|usr/lib/modules/(?P<mod>[^/]+)/vmlinuz)")
+
+
+def vmlinuz_member(name: str) -> str | None:
+    """'vmlinuz-<release>' if the archive member name is a kernel Image, else None."""
+    m = _VMLINUZ_MEMBER.fullmatch(name)
+    return f"vmlinuz-{m['boot'] or m['mod']}" if m else None
+
+
 def extract_kernel(deb: Path, dest: Path) -> str:
     """Writes the kernel Image from a linux-image .deb to dest; returns its file name.
 
-    Only ./boot/vmlinuz-* is needed: Debian's arm64 kernel has KVM, the vGIC and its ITS
-    built in (CONFIG_KVM=y), so the guest needs no modules."""
+    Only the Image is needed: Debian's arm64 kernel has KVM, the vGIC and its ITS built in
+    (CONFIG_KVM=y), so the guest needs no modules."""
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     found = None
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
-                if member.isfile() and re.fullmatch(r"\./boot/vmlinuz-.*", member.name):
+                name = vmlinuz_member(member.name)
+                if member.isfile() and name:
                     src = tar.extractfile(member)
                     tmp = dest.with_suffix(".tmp")
                     tmp.write_bytes(src.read())
                     tmp.replace(dest)
-                    found = member.name.rsplit("/", 1)[1]
+                    found = name
                     break
     finally:
         proc.stdout.close()
         proc.kill()  # we may stop reading before the end of the archive
         proc.wait()
     if found is None:
-        raise TestbedError(f"no ./boot/vmlinuz-* in {deb.name}")
+        raise TestbedError(f"no ./boot/vmlinuz-* or ./usr/lib/modules/*/vmlinuz in {deb.name}")
     return found
 
+
+_BINARY_DEPENDS = re.compile(r"(linux-binary-\S+-arm64) \(= ([^)\s]+)\)")
+
+
+def binary_dependency(depends: str) -> Deb | None:
+    """The linux-binary-<abi> package (= version) a linux-image package's Depends names, if
+    any: where the Image is when the image package itself is empty."""
+    m = _BINARY_DEPENDS.search(depends)
+    return Deb(m.group(1), m.group(2), "arm64") if m else None
+
+
+def deb_field(deb: Path, field: str) -> str:
+    proc = subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TestbedError(f"dpkg-deb -f {deb.name} {field} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()

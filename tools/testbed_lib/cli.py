@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import build, job, qemu
+from . import build, job, kernels, qemu
 from .console import ConsoleFilter, new_token
 from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTBED, EXIT_TIMEOUT, TestbedError
 from .log import clock, info, since
@@ -36,9 +36,17 @@ image build, make -C guests, qemu, or a guest that stopped without reporting), 2
 command line, 130 on Ctrl-C, 143 on SIGTERM. The testbed's messages go to stderr, prefixed 'testbed:';
 stdout is the guest's console.
 
+kernel (--kernel K): a Debian suite (bookworm, the default; bookworm-backports, trixie,
+trixie-backports, sid: the linux-image-arm64 there), a Debian kernel version or prefix
+(6.12, 6.12.57, 6.1: the newest linux-image-arm64 of those suites starting with it), or a
+path to your own arm64 Image (with --modules DIR, a lib/modules/<release> tree) or to a
+linux-image .deb (make bindeb-pkg; its modules are used). Only the kernel changes: the
+root file system stays bookworm's. The guest sees the choice in KVMITS_TESTBED_KERNEL.
+
 environment: KVMITS_CACHE (cache directory, default ${XDG_CACHE_HOME:-~/.cache}/kvmits;
 the testbed uses its testbed/ subdirectory), KVMITS_TESTBED_SMP, KVMITS_TESTBED_MEM,
-KVMITS_TESTBED_TIMEOUT (defaults for --smp, --mem, --timeout)."""
+KVMITS_TESTBED_TIMEOUT, KVMITS_TESTBED_KERNEL (defaults for --smp, --mem, --timeout,
+--kernel)."""
 
 
 def _env_default(name: str, default: int, environ) -> int:
@@ -71,6 +79,7 @@ def _env_assignment(text: str) -> str:
 
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
+    """The parser; --kernel and --modules stay strings here, parse_args classifies them."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="tools/testbed",
@@ -83,7 +92,18 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     refresh.add_argument("--refresh", action="store_true",
                          help="update the arm64 package lists and wheels now (normally once a day)")
 
-    p = sub.add_parser("build", parents=[refresh], help="build or refresh the cached image only")
+    kernel = argparse.ArgumentParser(add_help=False)
+    k = kernel.add_argument_group("kernel")
+    k.add_argument("--kernel", metavar="K", default=environ.get("KVMITS_TESTBED_KERNEL") or None,
+                   help="the guest kernel: a Debian suite (default bookworm), a Debian kernel "
+                        "version prefix such as 6.12, or a path to an arm64 Image or a "
+                        "linux-image .deb (default $KVMITS_TESTBED_KERNEL, else bookworm)")
+    k.add_argument("--modules", metavar="DIR",
+                   help="with --kernel PATH: a lib/modules/<release> tree (or a directory "
+                        "holding one) to put at /lib/modules/<release> in the guest")
+
+    p = sub.add_parser("build", parents=[refresh, kernel],
+                       help="build or refresh the cached image (and --kernel's kernel) only")
     p.add_argument("--force", action="store_true", help="rebuild even if the image is current")
 
     boot = argparse.ArgumentParser(add_help=False)
@@ -105,7 +125,8 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     j.add_argument("-q", "--quiet", action="store_true",
                    help="show only the command's output, not the boot messages and markers")
 
-    p = sub.add_parser("run", parents=[refresh, boot], help="run a command in the guest",
+    p = sub.add_parser("run", parents=[refresh, kernel, boot], help="run a command in the guest",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        usage="tools/testbed run [OPTIONS] -- CMD [ARGS...]",
                        description="Runs CMD in the arm64 guest, in a copy of the source tree "
                                    "(kvmits/ include/ tests/ tools/ benchmarks/ pyproject.toml, "
@@ -114,7 +135,8 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", default=[], type=_env_assignment,
                    metavar="NAME=VALUE", help="set an environment variable for CMD (repeatable)")
 
-    sub.add_parser("probe", parents=[refresh, boot],
+    sub.add_parser("probe", parents=[refresh, kernel, boot],
+                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                    help="boot and check KVM in the guest (uname, /dev/kvm, python, cffi, kvmits probe)")
     sub.add_parser("clean", help="remove the testbed cache")
     return parser
@@ -138,6 +160,15 @@ def parse_args(argv: list[str], environ=None) -> argparse.Namespace:
         parser.error(f"{args.subcommand} takes no command after '--'")
     else:
         args.command = PROBE_COMMAND if args.subcommand == "probe" else None
+    if args.subcommand != "clean":
+        from_env = args.kernel is not None and "--kernel" not in argv and not any(
+            a.startswith("--kernel=") for a in argv)
+        try:
+            args.kernel_spec = (kernels.parse_spec(args.kernel, args.modules) if args.kernel
+                                else kernels.DEFAULT if not args.modules
+                                else kernels.parse_spec(kernels.DEFAULT_SUITE, args.modules))
+        except ValueError as exc:
+            parser.error(f"{exc}" + (" (from KVMITS_TESTBED_KERNEL)" if from_env else ""))
     return args
 
 
@@ -179,8 +210,11 @@ def cmd_build(args: argparse.Namespace, layout: Layout) -> int:
     build.ensure_host()
     with build.locked(layout):
         stamp = build.ensure_image(layout, refresh=args.refresh, force=args.force)
+        kernel = kernels.ensure_kernel(layout, args.kernel_spec, stamp, refresh=args.refresh)
     info(f"image in {layout.image}: kernel {stamp['kernel']}, {len(stamp['guest_packages'])} "
          f"packages, wheels {' '.join(stamp['wheels']) or 'none'}")
+    if kernel.key != "default":
+        info(f"kernel for --kernel {args.kernel}: {kernel.description}, in {kernel.vmlinuz.parent}")
     return 0
 
 
@@ -203,33 +237,42 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
     if not args.no_make:
         job.make_guests(SOURCE_ROOT)
     files = job.select_files(SOURCE_ROOT)
-    script = job.run_script(args.command, job.parse_env(getattr(args, "env", [])))
+    user_env = job.parse_env(getattr(args, "env", []))
     token = new_token()
     prune_runs(layout, time.time())
     layout.runs.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=layout.runs))
     try:
         with build.locked(layout):
-            build.ensure_image(layout, refresh=args.refresh)
+            stamp = build.ensure_image(layout, refresh=args.refresh)
+            kernel = kernels.ensure_kernel(layout, args.kernel_spec, stamp, refresh=args.refresh)
+            # The guest's tests can say which kernel they ran on; -e can still override it.
+            script = job.run_script(args.command, {"KVMITS_TESTBED_KERNEL": kernel.description,
+                                                   **user_env})
             t = clock()
-            _link_or_copy(layout.kernel, rundir / "vmlinuz")
+            _link_or_copy(kernel.vmlinuz, rundir / "vmlinuz")
             with open(rundir / "initrd", "wb") as f:
-                with open(layout.base_cpio, "rb") as base:
-                    shutil.copyfileobj(base, f, 1 << 20)
+                # base, then the kernel's modules (if any), then the job: the kernel unpacks
+                # the concatenated archives in order
+                for part in (layout.base_cpio, kernel.modules_cpio):
+                    if part is not None:
+                        with open(part, "rb") as src:
+                            shutil.copyfileobj(src, f, 1 << 20)
                 job.write_job(f, SOURCE_ROOT, files, script)
         info(f"job: {len(files)} files of {SOURCE_ROOT} ({since(t):.1f}s to pack)")
         cfg = boot_config(args)
         cmd = qemu.qemu_command(cfg, rundir / "vmlinuz", rundir / "initrd", token)
         log_path = new_log(layout, args.subcommand)
-        info(f"booting: {args.smp} vCPUs, {args.mem} MiB, time limit {args.timeout}s; "
-             f"console log {log_path}")
+        info(f"booting {kernel.description}: {args.smp} vCPUs, {args.mem} MiB, time limit "
+             f"{args.timeout}s; console log {log_path}")
         with open(log_path, "w") as log:
             log.write(f"# tools/testbed {args.subcommand}: {' '.join(args.command)}\n"
+                      f"# kernel: {kernel.description}\n"
                       f"# {' '.join(cmd)}\n")
             log.flush()
             console = ConsoleFilter(token, quiet=args.quiet)
             result = qemu.boot(cmd, cfg, console, sys.stdout, log)
-            verdict = verdict_of(result, args.timeout, log_path)
+            verdict = verdict_of(result, args.timeout, log_path, kernel.description)
             log.write(f"# {verdict[1]}\n")
         info(verdict[1])
         return verdict[0]
@@ -237,14 +280,16 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
         shutil.rmtree(rundir, ignore_errors=True)
 
 
-def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path) -> tuple[int, str]:
-    """The exit status of a run, and the line that explains it."""
-    timing = (f"booted in {result.booted_after:.1f}s, " if result.booted_after is not None else "")
+def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path,
+               kernel: str | None = None) -> tuple[int, str]:
+    """The exit status of a run, and the line that explains it (naming the kernel)."""
+    timing = f"kernel {kernel}; " if kernel else ""
+    timing += (f"booted in {result.booted_after:.1f}s, " if result.booted_after is not None else "")
     timing += f"{result.seconds:.1f}s in the guest"
     if result.timed_out:
         where = "while the command ran" if result.booted_after is not None else "before the guest finished booting"
         return EXIT_TIMEOUT, (f"time limit of {timeout}s reached {where}; qemu stopped "
-                              f"(exit {EXIT_TIMEOUT}). Console log: {log_path}")
+                              f"(exit {EXIT_TIMEOUT}; {timing}). Console log: {log_path}")
     if result.status is None:
         last = "\n    ".join(result.tail)
         if result.qemu_status not in (0, None) and result.booted_after is None:

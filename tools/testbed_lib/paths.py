@@ -6,7 +6,13 @@
         apt/lists.stamp       mtime = last successful `apt-get update`
         resolved.json         package closures, remembered per package-lists version
         wheels/<key>/         pure-Python wheels for the guest, per requirement list
-        image/                vmlinuz, base.cpio, stamp.json: what every boot uses
+        image/                vmlinuz, base.cpio, stamp.json: what every boot uses (the
+                              default kernel, bookworm's, is image/vmlinuz)
+        suites/<suite>/       a private arm64 apt per extra Debian suite (--kernel trixie...):
+                              its own sources.list, lists and archives, only for kernels
+        kernels/<key>/        a kernel other than the default: vmlinuz, modules.cpio (if any),
+                              stamp.json; key = Debian package and version, or the sha256 of
+                              a user's Image or .deb (the newest few are kept)
         logs/                 one console log per run (the newest LOG_KEEP are kept)
         runs/                 per-run scratch (job archive, initrd), removed after the run
 """
@@ -74,6 +80,14 @@ class Layout:
     @property
     def image_stamp(self) -> Path:
         return self.image / "stamp.json"
+
+    @property
+    def suites(self) -> Path:
+        return self.root / "suites"
+
+    @property
+    def kernels(self) -> Path:
+        return self.root / "kernels"
 
     @property
     def logs(self) -> Path:

@@ -3,6 +3,7 @@
 # Says what the guest has (kernel, KVM mode, Python, cffi, fdt) and checks that KVM answers:
 # through `python3 -m kvmits probe` once kvmits has that command, else with a minimal
 # KVM_GET_API_VERSION through cffi (kvm_api.py beside this file).
+echo "== testbed kernel: ${KVMITS_TESTBED_KERNEL:-unknown (not set by tools/testbed)}"
 echo "== uname: $(uname -srm)"
 echo "== kernel command line: $(cat /proc/cmdline)"
 echo "== KVM at boot:"
