@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from . import build, job, kernels, qemu
 from .console import ConsoleFilter, new_token
-from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTBED, EXIT_TIMEOUT, TestbedError
+from .errors import (EXIT_GUEST_KERNEL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTBED, EXIT_TIMEOUT,
+                     TestbedError)
 from .log import clock, info, since
 from .paths import SOURCE_ROOT, Layout, cache_root
 
@@ -31,10 +33,12 @@ LOG_KEEP = 20
 RUN_DIR_MAX_AGE = 2 * 24 * 3600
 
 EPILOG = """exit status: the command's own (0-255) when the guest reported it; otherwise
-124 when the time limit stopped qemu, 125 when the testbed itself failed (host setup,
-image build, make -C guests, qemu, or a guest that stopped without reporting), 2 for a bad
-command line, 130 on Ctrl-C, 143 on SIGTERM. The testbed's messages go to stderr, prefixed 'testbed:';
-stdout is the guest's console.
+123 when the guest kernel faulted (an oops, "Unable to handle kernel", BUG, a panic, or a
+WARNING in KVM: the run ends a few seconds after it, the trace and the running test or
+command are reported), 124 when the time limit stopped qemu, 125 when the testbed itself
+failed (host setup, image build, make -C guests, qemu, or a guest that stopped without
+reporting), 2 for a bad command line, 130 on Ctrl-C, 143 on SIGTERM. The testbed's
+messages go to stderr, prefixed 'testbed:'; stdout is the guest's console.
 
 kernel (--kernel K): a Debian suite (bookworm, the default; bookworm-backports, trixie,
 trixie-backports, sid: the linux-image-arm64 there), a Debian kernel version or prefix
@@ -272,20 +276,52 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
             log.flush()
             console = ConsoleFilter(token, quiet=args.quiet)
             result = qemu.boot(cmd, cfg, console, sys.stdout, log)
-            verdict = verdict_of(result, args.timeout, log_path, kernel.description)
+            verdict = verdict_of(result, args.timeout, log_path, kernel.description, args.command)
             log.write(f"# {verdict[1]}\n")
+        failed = failed_line(result)
+        if failed:
+            # pytest's own short-summary form, on stdout with the rest of pytest's output
+            print(failed, flush=True)
         info(verdict[1])
         return verdict[0]
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 
 
+def failed_line(result: qemu.BootResult) -> str | None:
+    """'FAILED <nodeid> - guest kernel fault: ...' when a fault happened in a pytest test."""
+    fault = result.fault
+    if fault is None or not fault.running or fault.status is not None:
+        return None
+    return f"FAILED {fault.running} - guest kernel fault: {fault.summary}"
+
+
+def _fault_context(fault, command: list[str] | None) -> str:
+    if not fault.started:
+        return "while the guest booted, before the command started"
+    if fault.status is not None:
+        return f"after the command had exited with status {fault.status}"
+    cmd = shlex.join(command) if command else "the command"
+    if fault.running:
+        return f"in test {fault.running} (of {cmd})"
+    return f"while running {cmd}"
+
+
 def verdict_of(result: qemu.BootResult, timeout: int, log_path: Path,
-               kernel: str | None = None) -> tuple[int, str]:
+               kernel: str | None = None, command: list[str] | None = None) -> tuple[int, str]:
     """The exit status of a run, and the line that explains it (naming the kernel)."""
     timing = f"kernel {kernel}; " if kernel else ""
     timing += (f"booted in {result.booted_after:.1f}s, " if result.booted_after is not None else "")
     timing += f"{result.seconds:.1f}s in the guest"
+    if result.fault is not None:
+        fault = result.fault
+        ended = (f"run ended {result.fault_after:.1f}s after it" if result.fault_after is not None
+                 else "run ended")
+        trace = "\n    ".join(fault.lines)
+        return EXIT_GUEST_KERNEL, (
+            f"guest kernel fault ({fault.kind}) {_fault_context(fault, command)}: {fault.summary}; "
+            f"{ended} (exit {EXIT_GUEST_KERNEL}; {timing}). The "
+            f"{'trace' if fault.complete else 'trace so far'}:\n    {trace}\nConsole log: {log_path}")
     if result.timed_out:
         where = "while the command ran" if result.booted_after is not None else "before the guest finished booting"
         return EXIT_TIMEOUT, (f"time limit of {timeout}s reached {where}; qemu stopped "

@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .console import ConsoleFilter
+from .console import ConsoleFilter, Fault
 
 MACHINE = "virt,virtualization=on,gic-version=3"
 # pauth-impdef: QEMU's own pointer-authentication hash instead of the architected QARMA,
 # which is slow to emulate: "max" alone runs the testbed about 2x slower.
 CPU = "max,pauth-impdef=on"
 # panic=-1: a guest panic reboots at once, and -no-reboot turns that into qemu exiting.
-# quiet loglevel=4: only kernel warnings and worse reach the console between our markers.
-BASE_APPEND = "console=ttyAMA0 panic=-1 quiet loglevel=4"
+# quiet loglevel=5: only kernel warnings (level 4: a WARN_ON's "WARNING: CPU: ..." and its
+# trace, which the fault scanner needs to see) and worse reach the console between our
+# markers; loglevel=4 would stop at errors. An oops or panic raises the level itself.
+BASE_APPEND = "console=ttyAMA0 panic=-1 quiet loglevel=5"
 NVHE_APPEND = "kvm-arm.mode=nvhe"
 # After the guest has reported its status it powers off; if qemu is still there after
 # this long, it is stopped and the status stands.
@@ -34,6 +36,12 @@ PR_SET_PDEATHSIG = 1  # prctl(2), include/uapi/linux/prctl.h
 # How much of the console an error message quotes.
 TAIL_LINES = 10
 TAIL_CHARS = 4000
+# After a guest kernel fault the run ends: once its trace is complete ("---[ end trace") and
+# FAULT_LINGER more seconds passed (a panic may follow an oops), or after FAULT_QUIET seconds
+# without console output, and at the latest FAULT_MAX_WAIT seconds after the fault.
+FAULT_LINGER = 0.5
+FAULT_QUIET = 2.0
+FAULT_MAX_WAIT = 10.0
 
 
 @dataclass
@@ -75,6 +83,8 @@ class BootResult:
     seconds: float
     tail: list[str] = field(default_factory=list)  # last console lines, for error messages
     panic: str | None = None  # the guest kernel's panic message, if any
+    fault: Fault | None = None  # the guest kernel's first fault (oops, BUG, panic, KVM WARNING)
+    fault_after: float | None = None  # seconds from the fault to the end of the run
 
 
 def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | None,
@@ -93,15 +103,28 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | 
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     fd = proc.stdout.fileno()
-    raw_log = ConsoleFilter(console.token)  # the log keeps everything, even when quiet
+    # the log keeps everything, even when quiet, the RUNNING markers too
+    raw_log = ConsoleFilter(console.token, hide_running=False)
     eof = False
+    fault_at = complete_at = None
+    last_data = t0
     try:
         while True:
             now = time.monotonic()
             if console.status is not None and deadline > now + POWEROFF_GRACE:
                 deadline = now + POWEROFF_GRACE
+            if console.fault is not None:
+                if fault_at is None:
+                    fault_at = now
+                if console.fault.complete and complete_at is None:
+                    complete_at = now
+                end = min(fault_at + FAULT_MAX_WAIT, last_data + FAULT_QUIET,
+                          complete_at + FAULT_LINGER if complete_at is not None else deadline)
+                if now >= end:
+                    break
+                deadline = min(deadline, end)
             if now >= deadline:
-                timed_out = console.status is None
+                timed_out = console.status is None and console.fault is None
                 break
             if not sel.select(timeout=min(1.0, deadline - now)):
                 continue
@@ -109,6 +132,7 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | 
             if not data:
                 eof = True
                 break
+            last_data = time.monotonic()
             shown = console.feed(data)
             if shown and out is not None:
                 try:
@@ -131,8 +155,10 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | 
     finally:
         sel.close()
         qemu_status = _stop(proc, eof)
+    end = time.monotonic()
     return BootResult(console.status, timed_out, qemu_status, booted_after,
-                      time.monotonic() - t0, tail.splitlines()[-TAIL_LINES:], raw_log.panic)
+                      end - t0, tail.splitlines()[-TAIL_LINES:], raw_log.panic, console.fault,
+                      end - fault_at if fault_at is not None else None)
 
 
 def _die_with_parent() -> None:
