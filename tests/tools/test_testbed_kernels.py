@@ -105,6 +105,8 @@ def test_bad_k_names_what_was_looked_for():
         kernels.parse_spec("out/Image", exists=lambda p: False, cwd="/w")
     with pytest.raises(ValueError, match="--modules goes with a kernel file"):
         kernels.parse_spec("trixie", "/m", exists=lambda p: True)
+    with pytest.raises(ValueError, match=r"--modules mods: no such directory \(/w/mods\)"):
+        kernels.parse_spec("/k/Image", "mods", exists=lambda p: p == "/k/Image", cwd="/w")
     with pytest.raises(ValueError, match="empty"):
         kernels.parse_spec("")
 

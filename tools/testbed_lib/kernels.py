@@ -109,6 +109,8 @@ def parse_spec(text: str, modules: str | None = None, exists=os.path.exists,
     if mods is not None and kind not in ("image", "deb"):
         raise ValueError(f"--modules goes with a kernel file (--kernel PATH), not with "
                          f"the Debian {kind} {value!r}: Debian's kernels have KVM built in")
+    if mods is not None and not exists(mods):
+        raise ValueError(f"--modules {modules}: no such directory ({mods})")
     return KernelSpec(kind, value, mods)
 
 
