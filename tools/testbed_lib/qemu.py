@@ -142,6 +142,9 @@ def boot(cmd: list[str], cfg: BootConfig, console: ConsoleFilter, out: TextIO | 
                     out = None  # e.g. `| head`: the run goes on, the log keeps everything
             text = raw_log.feed(data)
             log.write(text)
+            # flushed as it comes, so `tail -f` on the log shows a long run (and which test it
+            # is in: the RUNNING markers are only in the log)
+            log.flush()
             tail = (tail + text)[-TAIL_CHARS:]
             if booted_after is None and console.started:
                 booted_after = time.monotonic() - t0
