@@ -40,8 +40,11 @@ class LpiSink(Protocol):
     `target` is a vCPU index (0 <= target < nr_vcpus). Calls come from inside command
     processing or `signal_msi`; they must not call back into the model's command queue.
 
-    Order for one command: MOVI calls `move` first, then `unmapped(old)` and `mapped(new)`;
-    DISCARD calls `unmapped`, after `clear_pending` if ItsConfig.discard_clears_pending (KVM
+    `mapped` and `unmapped` follow the ITEs, not their translations: KVM keeps one interrupt
+    (vgic_irq) per LPI for as long as any ITE names it, with one target and one pending state,
+    whatever becomes of the ITEs' collections (vgic-its.c: vgic_add_lpi, its_free_ite). A MAPC
+    that unmaps a collection keeps its ITEs, so it calls nothing; re-targets come as `move`.
+    DISCARD calls `unmapped` after `clear_pending` if ItsConfig.discard_clears_pending (KVM
     leaves a pending LPI pending).
     """
 
@@ -67,13 +70,15 @@ class LpiSink(Protocol):
     def move_all(self, old_target: int, new_target: int) -> None:
         """MOVALL: move the pending state of all LPIs of one redistributor to another."""
 
-    def mapped(self, intid: int, target: int) -> None:
-        """An ITE now translates to `intid` on `target` (MAPTI/MAPI, MAPC of its collection,
-        the new side of MOVI or of a MAPC re-target)."""
+    def mapped(self, intid: int, target: int | None) -> None:
+        """An ITE naming `intid` was made (MAPTI, MAPI, a restore): `target` is its
+        collection's, None when the collection has none yet. KVM creates the LPI's interrupt
+        with the first ITE, on that target or none; a later ITE finds it as it is."""
 
-    def unmapped(self, intid: int, target: int) -> None:
-        """An ITE that translated to `intid` on `target` no longer does (DISCARD, MAPD,
-        MAPC V=0, the old side of MOVI or of a MAPC re-target)."""
+    def unmapped(self, intid: int, target: int | None) -> None:
+        """An ITE naming `intid` is gone (DISCARD, MAPD, MAPTI over it, a reset or restore):
+        `target` is its collection's now, or None. With the last one KVM lets the interrupt go
+        (it lives on while a vCPU still has it queued)."""
 
 
 @runtime_checkable
@@ -132,10 +137,10 @@ class NullSink:
     def move_all(self, old_target: int, new_target: int) -> None:
         pass
 
-    def mapped(self, intid: int, target: int) -> None:
+    def mapped(self, intid: int, target: int | None) -> None:
         pass
 
-    def unmapped(self, intid: int, target: int) -> None:
+    def unmapped(self, intid: int, target: int | None) -> None:
         pass
 
 
@@ -143,15 +148,15 @@ class RecordingSink:
     """An LPI sink that records every call as a tuple ``(method name, *arguments)``.
 
     `calls` holds them in order; `pending` tracks which (intid, target) pairs are pending
-    (set by set_pending, cleared by clear_pending, carried by move/move_all) and `live`
-    which (intid, target) pairs are mapped (mapped/unmapped), so tests can check outcomes as
-    well as call sequences.
+    (set by set_pending, cleared by clear_pending, carried by move/move_all) and `refs` how
+    many ITEs name each LPI (mapped/unmapped), so tests can check outcomes as well as call
+    sequences.
     """
 
     def __init__(self):
         self.calls: list[tuple] = []
         self.pending: set[tuple[int, int]] = set()
-        self.live: dict[tuple[int, int], int] = {}
+        self.refs: dict[int, int] = {}
 
     def clear(self) -> None:
         self.calls.clear()
@@ -186,16 +191,14 @@ class RecordingSink:
         self.pending -= moved
         self.pending |= {(intid, new_target) for intid, _ in moved}
 
-    def mapped(self, intid: int, target: int) -> None:
+    def mapped(self, intid: int, target: int | None) -> None:
         self.calls.append(("mapped", intid, target))
-        key = (intid, target)
-        self.live[key] = self.live.get(key, 0) + 1
+        self.refs[intid] = self.refs.get(intid, 0) + 1
 
-    def unmapped(self, intid: int, target: int) -> None:
+    def unmapped(self, intid: int, target: int | None) -> None:
         self.calls.append(("unmapped", intid, target))
-        key = (intid, target)
-        count = self.live.get(key, 0) - 1
+        count = self.refs.get(intid, 0) - 1
         if count > 0:
-            self.live[key] = count
+            self.refs[intid] = count
         else:
-            self.live.pop(key, None)
+            self.refs.pop(intid, None)

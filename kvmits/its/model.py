@@ -203,7 +203,7 @@ class ItsModel:
         """The in-kernel ITS's reset (KVM_DEV_ARM_ITS_CTRL_RESET): disabled and quiescent,
         GITS_BASER<n>.Valid = 0 (other fields kept), GITS_CBASER = GITS_CREADR =
         GITS_CWRITER = 0, and no device or collection mapped."""
-        self._unmap_all_live()
+        self._release_all()
         baser0, baser1 = self._baser[0], self._baser[1]
         self._init_state()
         self._baser[0] = baser0 & ~R.GITS_BASER_VALID
@@ -600,9 +600,7 @@ class ItsModel:
         intid, icid = dev.events.pop(eventid)
         self._ite_count -= 1
         self._index_remove(icid, (devid, eventid))
-        target = self._collections.get(icid)
-        if target is not None:
-            self.sink.unmapped(intid, target)
+        self.sink.unmapped(intid, self._collections.get(icid))
 
     def _free_device(self, devid: int, dev: _Device) -> None:
         for eventid in list(dev.events):
@@ -618,12 +616,12 @@ class ItsModel:
 
     def _unmap_collection(self, icid: int) -> None:
         """Forget collection `icid` (MAPC V=0, or its table made invalid)."""
-        target = self._collections.pop(icid, None)
+        # The ITEs stay (KVM: their collection pointer becomes NULL; a physical ITS keeps the
+        # ICID), and with them KVM's interrupt of each LPI, target and pending state included:
+        # nothing for the sink.
+        self._collections.pop(icid, None)
         self._placeholders.discard(icid)
         members = self._members(icid)
-        if target is not None:
-            for _, _, intid in members:
-                self.sink.unmapped(intid, target)
         if self._orphan_on_unmap and members:
             orphan = icid | _ORPHAN
             for devid, eventid, intid in members:
@@ -631,12 +629,10 @@ class ItsModel:
                 self._index_add(orphan, (devid, eventid))
             del self._by_icid[icid]
 
-    def _unmap_all_live(self) -> None:
-        for dev in self._devices.values():
-            for intid, icid in dev.events.values():
-                target = self._collections.get(icid)
-                if target is not None:
-                    self.sink.unmapped(intid, target)
+    def _release_all(self) -> None:
+        """Tell the sink that every ITE goes (reset, load_state, restore_tables)."""
+        for intid, target in list(self.ite_lpis()):
+            self.sink.unmapped(intid, target)
 
     def _lookup(self, cmd: int, devid: int, eventid: int):
         """The checks INT, CLEAR, INV, MOVI and DISCARD share: (error, device, ITE)."""
@@ -697,9 +693,6 @@ class ItsModel:
                 # KVM re-applies the collection's target to every LPI it holds, also when the
                 # target is the same (update_affinity_collection): that undoes a MOVALL
                 self.sink.move(intid, old, target)
-                if old != target:
-                    self.sink.unmapped(intid, old)
-                    self.sink.mapped(intid, target)
             if old != target:
                 self._mapping_changed("MAPC", icid=icid)
             return 0
@@ -708,8 +701,8 @@ class ItsModel:
         self._placeholders.discard(icid)
         self._collections[icid] = target
         for _, _, intid in self._members(icid):
-            self.sink.mapped(intid, target)
-            # an LPI another ITE maps already is one LPI in KVM: the MAPC moves it here too
+            # the collection KVM created without a target (MAPTI) gets one, and every LPI it
+            # holds moves there (update_affinity_collection), one created targetless included
             self.sink.move(intid, target, target)
         self._mapping_changed("MAPC", icid=icid)
         return 0
@@ -742,9 +735,7 @@ class ItsModel:
         dev.events[eventid] = (intid, icid)
         self._ite_count += 1
         self._index_add(icid, (devid, eventid))
-        target = self._collections.get(icid)
-        if target is not None:
-            self.sink.mapped(intid, target)
+        self.sink.mapped(intid, self._collections.get(icid))
         self._mapping_changed(kind, devid, eventid, icid)
         return 0
 
@@ -780,9 +771,6 @@ class ItsModel:
             dev.events[eventid] = (intid, icid)
             self._index_remove(old_icid, (devid, eventid))
             self._index_add(icid, (devid, eventid))
-            if new_target != old_target:
-                self.sink.unmapped(intid, old_target)
-                self.sink.mapped(intid, new_target)
             self._mapping_changed("MOVI", devid, eventid, icid)
         return 0
 
@@ -928,13 +916,21 @@ class ItsModel:
                     yield devid, eventid, intid, icid, target
 
     def replay_mappings(self) -> int:
-        """Tell the sink `mapped` for every live ITE (after load_state/restore_tables into a
-        fresh sink). Returns how many."""
+        """Tell the sink `mapped` for every ITE, with its target or None (after load_state/restore_tables into a fresh sink, as KVM's restore creates
+        each LPI from its ITE). Returns how many."""
         n = 0
-        for _, _, intid, _, target in self.live_mappings():
+        for intid, target in self.ite_lpis():
             self.sink.mapped(intid, target)
             n += 1
         return n
+
+    def ite_lpis(self):
+        """Yield (intid, target or None) of every ITE, translating or not: what KVM holds an
+        interrupt for (the LpiSink's mapped/unmapped)."""
+        colls = self._collections
+        for dev in self._devices.values():
+            for intid, icid in dev.events.values():
+                yield intid, colls.get(icid)
 
     # ==========================================================================================
     # dump, save, load
@@ -993,10 +989,10 @@ class ItsModel:
     def load_state(self, state: dict, *, notify_sink: bool = True) -> None:
         """Replace the model's state by a save_state() dict (validated; ValueError if bad).
 
-        The sink is told `unmapped` for what was live before and, with notify_sink,
-        `mapped` for what is live after."""
+        The sink is told `unmapped` for every ITE before and, with notify_sink, `mapped` for
+        every ITE after."""
         parsed = _parse_state(state, self.redistributors.nr_vcpus, self.config)
-        self._unmap_all_live()
+        self._release_all()
         regs, devices, collections, placeholders = parsed
         self._init_state()
         self._enabled = regs["enabled"]
@@ -1063,7 +1059,7 @@ class ItsModel:
             devices[devid] = (dev["itt_addr"], dev["size_bits"], events)
         if count > self.config.max_ites:
             raise abi.ItsTableError(f"{count} ITEs exceed the model's limit ({self.config.max_ites})")
-        self._unmap_all_live()
+        self._release_all()
         self._devices = {}
         self._by_icid = {}
         self._ite_count = 0

@@ -15,6 +15,7 @@ the differential harness and the benchmarks are written once against this class.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from kvmits.its import abi
@@ -131,6 +132,18 @@ class ItsLab:
             time.sleep(0.05)
         self.agent.check()
         return sorted((cpu, intid) for cpu, intid, _ in self.agent.take_irqs())
+
+    @contextmanager
+    def holding(self):
+        """For the block, every vCPU but the one the guest driver runs on (vCPU 0) is held out
+        of KVM_RUN, so the guest's ITS commands run while no other vCPU executes guest code, as
+        the userspace ITS runs them (it pauses every vCPU). Why it matters: KVM folds a running
+        vCPU's list registers back into its interrupts at the vCPU's next exit, and an edge
+        interrupt keeps the pending bit it had there: a CLEAR of an LPI that sat in a running
+        vCPU's list register is lost (docs/userspace-its.md). Mask first, unmask after: both
+        need every vCPU."""
+        with self.machine.holding(range(1, self.cpus)):
+            yield
 
     # -- what the guest saw ------------------------------------------------------------------
     def expect(self, cpu: int, intid: int, timeout: float = 10.0) -> float:

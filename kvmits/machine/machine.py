@@ -217,6 +217,16 @@ class Machine:
         finally:
             self.resume_all()
 
+    @contextmanager
+    def holding(self, cpus, timeout: float | None = 30.0):
+        """The vCPUs `cpus` outside KVM_RUN for the block, the others running (runner.hold)."""
+        cpus = list(cpus)
+        self.runner.hold(cpus, timeout)
+        try:
+            yield self
+        finally:
+            self.runner.release(cpus)
+
     def kick(self, cpu: int) -> None:
         """Signal vCPU `cpu` out of KVM_RUN once (no pause): it re-enters at once."""
         self.runner.kick(cpu)

@@ -12,7 +12,7 @@ Each vCPU thread publishes where it is, without a lock on the hot path:
     PARKED   waiting in pause for resume_all()
     EXITED   the thread has ended (or was never started)
 
-pause_all() sets a hold flag and kvm_run.immediate_exit = 1 on every vCPU, then sends the kick
+pause_all() sets the hold flag and kvm_run.immediate_exit = 1 of every vCPU, then sends the kick
 signal to each thread that may be inside KVM_RUN (KVM_RUN returns EINTR: a signal arrived, or it
 was entered with immediate_exit set). It returns once no thread other than the caller is IN_RUN.
 A thread seen OUTSIDE counts as out: before it can enter KVM_RUN again it marks itself IN_RUN
@@ -24,8 +24,9 @@ pauses while another vCPU's exit waits on its lock.
 Pauses nest and may come from several threads at once (a counter, not an owner), and a vCPU
 thread may pause from its own exit path: it is OUTSIDE itself and waits for nobody but the
 others, so it cannot deadlock. resume_all() undoes one pause_all(); the last one clears
-immediate_exit and lets the threads run. kick(cpu) only sends the signal: that vCPU leaves
-KVM_RUN, notices nothing to do, and re-enters.
+immediate_exit and lets the threads run. hold(cpus) / release(cpus) do the same for some vCPUs
+only, while the others run on; a vCPU runs again once no pause and no hold of it is left.
+kick(cpu) only sends the signal: that vCPU leaves KVM_RUN, notices nothing to do, and re-enters.
 
 Signals: Python runs signal handlers in the main thread only, but the kernel interrupts the
 thread the signal was sent to (signal.pthread_kill), which is what makes KVM_RUN return EINTR.
@@ -145,7 +146,9 @@ class VcpuRunner:
         self._states = [EXITED] * n
         self._threads: list[threading.Thread | None] = [None] * n
         self._cond = threading.Condition()
-        self._hold = False              # pause or stop requested: checked before every KVM_RUN
+        # per vCPU: pause, hold or stop requested; checked before every KVM_RUN
+        self._holds = [False] * n
+        self._held = [0] * n            # hold() depth per vCPU
         self._pause_depth = 0
         self._stopping = False
         self._result: MachineExit | None = None
@@ -233,8 +236,8 @@ class VcpuRunner:
 
     def _stop_locked(self) -> None:
         self._stopping = True
-        self._hold = True
-        for v in self.vcpus:
+        for i, v in enumerate(self.vcpus):
+            self._holds[i] = True
             v.immediate_exit = 1
         self._cond.notify_all()
 
@@ -270,14 +273,19 @@ class VcpuRunner:
         """Bring every vCPU out of KVM_RUN and keep it out until resume_all(). Nests; callable
         from any thread, a vCPU thread (on its exit path) included. TimeoutError (and no pause
         held) if some vCPU is still inside KVM_RUN after `timeout` s."""
-        me = threading.get_ident()
         with self._cond:
             self._pause_depth += 1
             if self._pause_depth == 1:
-                self._hold = True
-                for v in self.vcpus:
+                for i, v in enumerate(self.vcpus):
+                    self._holds[i] = True
                     v.immediate_exit = 1
-            others = [i for i, t in enumerate(self._threads) if t is not None and t.ident != me]
+        self._wait_out(range(len(self.vcpus)), timeout, self._resume_locked)
+
+    def _wait_out(self, cpus, timeout: float | None, undo: Callable[[], None]) -> None:
+        """Kick `cpus` (but the caller's own thread) out of KVM_RUN and wait until none is in
+        it; on timeout call undo() with the lock held and raise TimeoutError."""
+        me = threading.get_ident()
+        others = [i for i in cpus if self._threads[i] is not None and self._threads[i].ident != me]
         for i in others:
             if self._states[i] == IN_RUN:
                 self._signal(i)
@@ -287,9 +295,34 @@ class VcpuRunner:
                 remaining = _PAUSE_POLL if deadline is None else min(_PAUSE_POLL, deadline - time.monotonic())
                 if remaining <= 0:
                     stuck = [i for i in others if self._states[i] == IN_RUN]
-                    self._resume_locked()
+                    undo()
                     raise TimeoutError(f"vCPUs {stuck} still in KVM_RUN after {timeout} s")
                 self._cond.wait(remaining)
+
+    def hold(self, cpus: Sequence[int], timeout: float | None = 30.0) -> None:
+        """Bring the vCPUs `cpus` out of KVM_RUN and keep them out until release(cpus); the
+        others run on. Nests per vCPU, and with pause_all(). E.g. to run the guest's ITS
+        commands on one vCPU while no other one executes guest code, as the userspace ITS runs
+        them (its pause). TimeoutError (and no hold kept) after `timeout` s."""
+        cpus = list(cpus)
+        with self._cond:
+            for i in cpus:
+                self._held[i] += 1
+                self._holds[i] = True
+                self.vcpus[i].immediate_exit = 1
+        self._wait_out(cpus, timeout, lambda: self._release_locked(cpus))
+
+    def release(self, cpus: Sequence[int]) -> None:
+        """Undo one hold(cpus)."""
+        with self._cond:
+            self._release_locked(list(cpus))
+
+    def _release_locked(self, cpus: list[int]) -> None:
+        if any(self._held[i] <= 0 for i in cpus):
+            raise RuntimeError(f"release({cpus}) without a matching hold()")
+        for i in cpus:
+            self._held[i] -= 1
+        self._unhold_locked()
 
     def resume_all(self) -> None:
         """Undo one pause_all(); the last one lets the vCPUs run again."""
@@ -300,11 +333,17 @@ class VcpuRunner:
         if self._pause_depth <= 0:
             raise RuntimeError("resume_all() without a matching pause_all()")
         self._pause_depth -= 1
-        if self._pause_depth == 0 and not self._stopping:
-            for v in self.vcpus:
+        self._unhold_locked()
+
+    def _unhold_locked(self) -> None:
+        """Let run again every vCPU that no pause, hold or stop keeps out."""
+        if self._pause_depth or self._stopping:
+            return
+        for i, v in enumerate(self.vcpus):
+            if self._holds[i] and not self._held[i]:
                 v.immediate_exit = 0
-            self._hold = False
-            self._cond.notify_all()
+                self._holds[i] = False
+        self._cond.notify_all()
 
     @property
     def paused(self) -> bool:
@@ -351,7 +390,7 @@ class VcpuRunner:
         with self._cond:
             self._states[cpu] = PARKED
             self._cond.notify_all()
-            while self._pause_depth > 0 and not self._stopping:
+            while (self._pause_depth > 0 or self._held[cpu]) and not self._stopping:
                 self._cond.wait()
             return not self._stopping
 
@@ -362,12 +401,13 @@ class VcpuRunner:
         bus_read = self.bus.read
         bus_write = self.bus.write
         states = self._states
+        holds = self._holds
         handlers = self._handlers
         exit_mmio = uapi.KVM_EXIT_MMIO
         exit_intr = vcpu.EXIT_INTR          # KVM_RUN returned EINTR (kvmits.kvm.Vcpu.INTR)
         while True:
             states[cpu] = IN_RUN
-            if self._hold:
+            if holds[cpu]:
                 if self._stopping or not self._park(cpu):
                     return
                 continue

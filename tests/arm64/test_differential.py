@@ -66,20 +66,8 @@ def test_the_two_itses_end_in_the_same_state(labs):
     assert not failures, "\n".join(f"seed {s}: " + "; ".join(d[:5]) for s, d in list(failures.items())[:10])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 16, open: two known differences in 200 programs (seeds 55 and 194 from seed 1). "
-    "1. A CLEAR of an LPI pending on a masked vCPU is lost now and then on the kernel's ITS (INT "
-    "then CLEAR: still pending in 2 of 20 trials on 6.1; never with the userspace ITS, which runs "
-    "CLEAR with every vCPU stopped): timing-dependent, likely the LPI sitting in the running "
-    "vCPU's list register while KVM clears the vgic_irq's latch. "
-    "2. An LPI first mapped by an ITE whose collection has no target: KVM's vgic_irq gets no "
-    "target, a later ITE on a mapped collection finds it so, and its INT is never delivered; the "
-    "hidden ITS learns of the LPI only with a target and delivers it. Strict: once both are "
-    "resolved this test passes and must lose its mark."))
 def test_the_two_itses_leave_the_same_lpis_pending(labs):
     """The pending LPIs of the programs above, compared ((vCPU, INTID) after unmasking)."""
-    if COUNT < 200 or FIRST_SEED != 1:
-        pytest.skip("the known differences are those of the default 200 programs from seed 1")
     if not COMPARED:
         pytest.skip("needs test_the_two_itses_end_in_the_same_state to have run the programs")
     assert not PENDING_DIFFERENCES, "\n".join(f"seed {s}: " + "; ".join(d) for s, d in PENDING_DIFFERENCES.items())

@@ -127,3 +127,59 @@ def test_a_pending_lpi_is_delivered_where_the_kernel_moved_it(lab, name, command
           f"taken on {took}; expected {model_cpu}")
     assert took == [model_cpu]
     assert pending == [model_cpu]
+
+
+def test_an_lpi_made_without_a_target_latches_but_goes_nowhere(lab):
+    """KVM makes an LPI's interrupt with its first ITE; on a collection without a target the
+    interrupt has none (vgic_add_lpi with no vCPU). An INT through a second ITE, on a mapped
+    collection, latches it but queues it on no vCPU; a MAPC giving the first collection a target
+    moves it there without queueing it (update_affinity); an INV re-reads its configuration and
+    queues it (update_lpi_config). Both ITSes must show the same at each step."""
+    intid = LPI_BASE + 7
+    lab.reset_its()
+    lab.agent.take_irqs()
+    for cpu in range(CPUS):
+        lab.agent.irq_mode(cpu, IrqMode.MASKED)
+    try:
+        lab.its.mapd(DEVID, 1)
+        lab.its.mapti(DEVID, 0, intid, 7)        # collection 7: never mapped so far
+        lab.its.mapti(DEVID, 1, intid, 1)
+        lab.its.int_(DEVID, 1)
+        after_int = pending_where(lab, intid)
+        lab.its.mapc(7, 2)
+        after_mapc = pending_where(lab, intid)
+        lab.its.inv(DEVID, 1)
+        after_inv = pending_where(lab, intid)
+    finally:
+        for cpu in range(CPUS):
+            lab.agent.irq_mode(cpu, IrqMode.REPORT)
+    got = [cpu for cpu, i, _ in lab.agent.wait_irqs(1, 10.0, intid=intid)]
+    lab.expect_none(0.3)
+    print(f"\n{os.uname().release}, its={lab.mode}: pending after INT {after_int}, after MAPC "
+          f"{after_mapc}, after INV {after_inv}; taken on {got}")
+    assert (after_int, after_mapc, after_inv, got) == ([], [], [2], [2])
+
+
+@pytest.mark.parametrize("target", [0, 2], ids=["on_the_submitting_vcpu", "on_another_vcpu"])
+def test_clear_of_a_pending_lpi_while_the_other_vcpus_are_held(lab, target):
+    """INT then CLEAR with the guest masked: the LPI is no longer pending. The guest's commands
+    run on vCPU 0; the other vCPUs are held out of KVM_RUN meanwhile (ItsLab.holding), as the
+    userspace ITS holds every vCPU for its commands. Without the hold, the kernel's ITS loses
+    the CLEAR now and then (docs/userspace-its.md: an LPI in a running vCPU's list register
+    keeps its pending bit when KVM folds the register back)."""
+    intid = LPI_BASE + 8
+    lost = 0
+    for _ in range(5):
+        lab.reset_its()
+        lab.agent.take_irqs()
+        lab.mask()
+        try:
+            with lab.holding():
+                lab.its.mapd(DEVID, 1)
+                lab.its.mapti(DEVID, 0, intid, target)
+                lab.its.int_(DEVID, 0)
+                lab.its.clear(DEVID, 0)
+        finally:
+            taken = lab.unmask()
+        lost += (target, intid) in taken
+    assert lost == 0

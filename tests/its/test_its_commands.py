@@ -80,11 +80,15 @@ def test_mapd_remap_keep_same_itt():
     assert h.its.dump()["devices"][1]["events"] == {}
 
 
-def test_mapd_unmap_notifies_live_ites_only(h):
+def test_mapd_unmap_notifies_every_ite(h):
+    # an ITE on a collection without a target still holds its LPI in KVM: the sink hears of
+    # it going, with no target
     mapped_device(h, events=((0, 8192),))
     assert h.run(C.encode_mapti(1, 1, 8193, 9)) == []          # collection 9 not mapped
+    assert h.sink.of("mapped")[-1] == (8193, None)
     assert h.run(C.encode_mapd(1, 0, 1, valid=False)) == []
-    assert h.sink.of("unmapped") == [(8192, 1)]
+    assert sorted(h.sink.of("unmapped"), key=str) == [(8192, 1), (8193, None)]
+    assert h.sink.refs == {}
 
 
 # -- MAPC ---------------------------------------------------------------------------------------
@@ -92,8 +96,7 @@ def test_mapc_maps_retargets_and_unmaps(h):
     mapped_device(h, icid=2, target=1, events=((0, 8192), (1, 8193)))
     assert h.run(C.encode_mapc(2, 3)) == []
     assert h.its.dump()["collections"] == {2: 3}
-    assert h.sink.calls == [("move", 8192, 1, 3), ("unmapped", 8192, 1), ("mapped", 8192, 3),
-                            ("move", 8193, 1, 3), ("unmapped", 8193, 1), ("mapped", 8193, 3)]
+    assert h.sink.calls == [("move", 8192, 1, 3), ("move", 8193, 1, 3)]
     assert h.its.translate(1, 1).target == 3
     h.sink.clear()
     gen = h.its.generation
@@ -102,7 +105,8 @@ def test_mapc_maps_retargets_and_unmaps(h):
     h.sink.clear()
     assert h.run(C.encode_mapc(2, 0, valid=False)) == []
     assert h.its.dump()["collections"] == {}
-    assert sorted(h.sink.of("unmapped")) == [(8192, 3), (8193, 3)]
+    # the ITEs stay, and with them KVM's interrupts (target and pending state): nothing to tell
+    assert h.sink.calls == [] and h.sink.refs == {8192: 1, 8193: 1}
     assert h.its.translate(1, 0).reason == MISS_COLLECTION_UNMAPPED
 
 
@@ -128,9 +132,12 @@ def test_mapc_collection_out_of_range(h):
 
 def test_mapc_of_a_collection_mapti_named_first(h):
     assert h.run(C.encode_mapd(1, itt(1), 4), C.encode_mapti(1, 0, 8192, 7)) == []
-    assert h.sink.of("mapped") == [] and h.its.translate(1, 0).reason == MISS_COLLECTION_UNMAPPED
+    # KVM creates the LPI without a target (vgic_add_lpi with no vCPU)
+    assert h.sink.calls == [("mapped", 8192, None)]
+    assert h.its.translate(1, 0).reason == MISS_COLLECTION_UNMAPPED
+    h.sink.clear()
     assert h.run(C.encode_mapc(7, 2)) == []
-    assert h.sink.of("mapped") == [(8192, 2)]
+    assert h.sink.calls == [("move", 8192, 2, 2)]      # update_affinity_collection gives it one
     assert h.its.translate(1, 0)[:3] == (8192, 7, 2)
 
 
@@ -151,7 +158,7 @@ def test_mapc_unmap_keep_revives_on_remap():
     mapped_device(h, icid=2, target=1, events=((0, 8192),))
     assert h.run(C.encode_mapc(2, 0, valid=False), C.encode_mapc(2, 3)) == []
     assert h.its.translate(1, 0)[:3] == (8192, 2, 3)
-    assert h.sink.calls == [("unmapped", 8192, 1), ("mapped", 8192, 3), ("move", 8192, 3, 3)]
+    assert h.sink.calls == [("move", 8192, 3, 3)]
 
 
 # -- MAPTI / MAPI --------------------------------------------------------------------------------
@@ -221,7 +228,7 @@ def test_mapi_uses_the_eventid_as_the_lpi(h):
 def test_movi_moves_an_lpi(h):
     mapped_device(h, icid=0, target=1, events=((0, 8192),))
     assert h.run(C.encode_mapc(1, 3), C.encode_movi(1, 0, 1)) == []
-    assert h.sink.calls == [("move", 8192, 1, 3), ("unmapped", 8192, 1), ("mapped", 8192, 3)]
+    assert h.sink.calls == [("move", 8192, 1, 3)] and h.sink.refs == {8192: 1}
     assert h.its.translate(1, 0)[:3] == (8192, 1, 3)
 
 
@@ -273,7 +280,7 @@ def test_discard_errors(h):
     assert h.run(C.encode_discard(1, 3)) == [C.E_ITS_DISCARD_UNMAPPED_INTERRUPT]
     assert h.run(C.encode_mapti(1, 3, 8195, 6), C.encode_discard(1, 3)) == [
         C.E_ITS_DISCARD_UNMAPPED_COLLECTION]
-    assert h.its.ite_count == 2 and h.sink.calls == []
+    assert h.its.ite_count == 2 and h.sink.calls == [("mapped", 8195, None)]
 
 
 # -- INT / CLEAR / INV / INVALL -------------------------------------------------------------------
@@ -298,7 +305,7 @@ def test_int_clear_inv(h, encode, cmd, sink_call):
 def test_int_needs_a_mapped_collection(h):
     assert h.run(C.encode_mapd(1, itt(1), 4), C.encode_mapti(1, 0, 8192, 3),
                  C.encode_int(1, 0)) == [C.E_ITS_INT_UNMAPPED_COLLECTION]
-    assert h.sink.calls == []
+    assert h.sink.calls == [("mapped", 8192, None)]
 
 
 @pytest.mark.parametrize("encode,code", [(C.encode_clear, C.E_ITS_CLEAR_UNMAPPED_COLLECTION),
@@ -308,7 +315,7 @@ def test_clear_inv_on_unmapped_collection_kvm_accepts_strict_refuses(encode, cod
         h = Harness(ItsConfig(strict_collection_checks=strict))
         errors = h.run(C.encode_mapd(1, itt(1), 4), C.encode_mapti(1, 0, 8192, 3), encode(1, 0))
         assert errors == ([code] if strict else [])
-        assert h.sink.calls == [] and h.its.sink_skipped == (0 if strict else 1)
+        assert h.sink.calls == [("mapped", 8192, None)] and h.its.sink_skipped == (0 if strict else 1)
 
 
 def test_invall(h):
@@ -349,7 +356,7 @@ def test_translation_miss_reasons_and_counters(h):
     assert stats["msi_misses"] == {"its-disabled": 1, "device-unmapped": 1,
                                    "event-out-of-range": 1, "no-ite": 1,
                                    "collection-unmapped": 1}
-    assert h.sink.calls == [("set_pending", 8192, 1)]
+    assert h.sink.calls == [("mapped", 8193, None), ("set_pending", 8192, 1)]
 
 
 def test_translation_observer_sees_every_msi(h):

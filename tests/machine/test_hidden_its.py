@@ -22,7 +22,7 @@ from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.its import commands as cmd
 from kvmits.kvm import GuestMemory
 from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
-from kvmits.machine.its.hidden import INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, HiddenIts
+from kvmits.machine.its.hidden import CREATOR_DEVID, INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, UNTARGETED_ICID, HiddenIts
 from kvmits.machine.its.user import UserMachineIts
 
 RAM = 0x40000000
@@ -35,7 +35,8 @@ CPUS = 4
 
 class KvmAffinitySink(RecordingSink):
     """A RecordingSink that also keeps each LPI's target vCPU the way KVM keeps it: one per LPI
-    (set by its first ITE, by MOVI and MAPC), moved by MOVALL without its ITEs."""
+    (set by its first ITE, None if that ITE's collection has none; by MOVI and MAPC), moved by
+    MOVALL without its ITEs, gone with its last ITE."""
 
     def __init__(self):
         super().__init__()
@@ -171,7 +172,7 @@ class Rig:
         engine.mapping() says and KVM would have it (KvmAffinitySink); that is the ITE's own
         target unless another ITE maps the same LPI (it is where the first one, or the last
         MOVI/MAPC, put it) or a MOVALL moved it."""
-        assert self.engine.mapping() == self.kernel.sink.location
+        assert self.engine.mapping() == {i: t for i, t in self.kernel.sink.location.items() if t is not None}
         movall = "MOVALL" in self.guest_commands
         users = {}
         for _, _, intid, _, _ in self.model.live_mappings():
@@ -192,7 +193,7 @@ def test_program_maps_the_injector_and_one_collection_per_vcpu():
     try:
         dump = rig.kernel.model.dump()
         assert dump["collections"] == {c: c for c in range(CPUS)}
-        assert list(dump["devices"]) == [INJECTOR_DEVID]
+        assert list(dump["devices"]) == [INJECTOR_DEVID, CREATOR_DEVID]
         assert rig.kernel.model.error_counts == {}
     finally:
         rig.close()
@@ -361,11 +362,15 @@ def test_movi_after_movall_is_always_sent(watched):
     sent.clear()
     # in one batch the guest unmaps the LPI and maps it again on collection 1: the hidden ITE
     # already names vCPU 1, but KVM's LPI sits on vCPU 2 since the MOVALL
+    # the hidden ITS does what KVM does to its own interrupt at the same point: lets it go with
+    # the last ITE (it lives on only while queued, pending, and then keeps vCPU 2 in both), makes
+    # it again on the new ITE's target; no CLEAR (KVM's DISCARD leaves the pending state)
     rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
-    assert sent == ["MOVI"]                  # the hidden ITE stays (re-mapped in the batch), retargeted;
-    sent.clear()                             # no CLEAR: KVM's DISCARD leaves the pending state
-    rig.its.submit(cmd.encode_discard(3, 0), cmd.encode_mapti(3, 0, 8500, 1))
-    assert sent == []                        # now both agree: no MOVI
+    assert sent == ["DISCARD", "MAPTI"] and rig.engine.mapping() == {8500: 1}
+    sent.clear()
+    rig.its.movall(1, 2)
+    rig.its.movi(3, 0, 1)                    # MOVI to the ITE's own collection undoes the MOVALL
+    assert sent == ["MOVALL", "MOVI"] and rig.engine.mapping() == {8500: 1}
 
 
 def test_a_shared_lpi_stays_where_its_first_ite_put_it(watched):
@@ -406,3 +411,28 @@ def test_a_mapc_to_the_same_target_undoes_a_movall(watched):
     rig.its.movall(1, 0)
     rig.its.movi(5, 1, 1)                    # the same collection: the LPI still comes back
     assert rig.engine.mapping() == {8500: 0, 8501: 1}
+
+
+def test_an_lpi_first_mapped_without_a_target_is_made_without_one(watched):
+    """KVM makes an LPI's interrupt with its first ITE, and without a target vCPU when that ITE's
+    collection has none (MAPTI names a collection MAPC has not mapped yet): an INT through a
+    later ITE on a mapped collection latches it but queues it nowhere. The hidden ITS makes its
+    interrupt the same way, through the creator device and the one collection it never maps."""
+    rig, sent = watched
+    rig.its.mapd(5, 2)
+    rig.its.mapti(5, 0, 8600, 7)                 # collection 7: no target yet
+    assert sent == ["MAPTI", "MAPTI", "MAPD"]
+    dump = rig.kernel.model.dump()
+    assert dump["devices"][CREATOR_DEVID]["events"] == {}            # its ITE freed again ...
+    assert dump["devices"][INJECTOR_DEVID]["events"][8600 - LPI_BASE] == {"icid": 0, "intid": 8600}
+    assert rig.kernel.sink.location[8600] is None                    # ... the interrupt has no target
+    assert 8600 not in rig.engine.mapping()
+    sent.clear()
+    rig.its.mapti(5, 1, 8600, 2)                 # a second ITE finds it as it is
+    assert sent == [] and 8600 not in rig.engine.mapping()
+    rig.its.mapc(7, 3)                           # update_affinity_collection gives it vCPU 3
+    assert sent == ["MOVI"] and rig.engine.mapping() == {8600: 3}
+    rig.its.discard(5, 1)
+    rig.its.discard(5, 0)
+    assert rig.engine.mapping() == {} and rig.kernel.model.error_counts == {}
+    assert UNTARGETED_ICID not in rig.kernel.model.dump()["collections"]

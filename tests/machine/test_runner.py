@@ -182,6 +182,47 @@ def test_pause_holds_every_vcpu_outside_run(kicks):
     runner.wait(TIMEOUT)
 
 
+def test_hold_keeps_some_vcpus_out_while_the_others_run(kicks):
+    reads = [0, 0, 0]
+
+    def count(vcpu, offset):
+        reads[vcpu] += 1
+
+    runner, dev = make(kicks, [mmio_forever(DEV), mmio_forever(DEV + 4), mmio_forever(DEV + 8)],
+                       Device(on_read=count))
+    runner.start()
+
+    def wait_for(cpu, n):
+        deadline = time.monotonic() + TIMEOUT
+        while reads[cpu] < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert reads[cpu] >= n
+
+    wait_for(1, 20)
+    wait_for(2, 20)
+    runner.hold([1, 2], TIMEOUT)
+    try:
+        time.sleep(0.02)                                  # one may finish the exit it was handling
+        assert runner.states()[1:] == ["PARKED", "PARKED"]
+        held = reads[1:]
+        start = reads[0]
+        wait_for(0, start + 50)                           # vCPU 0 runs on
+        runner.pause_all(TIMEOUT)                         # a pause on top of the hold ...
+        runner.resume_all()                               # ... and its end leave 1 and 2 held
+        runner.hold([2], TIMEOUT)                         # nested, per vCPU
+        runner.release([1, 2])
+        wait_for(1, held[0] + 50)                         # 1 runs again, 2 is still held
+        assert reads[2] == held[1] and runner.vcpus[2].immediate_exit == 1
+        assert runner.vcpus[1].immediate_exit == 0
+    finally:
+        runner.release([2])
+    wait_for(2, held[1] + 50)
+    with pytest.raises(RuntimeError, match="without a matching hold"):
+        runner.release([0])
+    runner.stop()
+    runner.wait(TIMEOUT)
+
+
 def test_pause_from_a_vcpu_thread_does_not_deadlock(kicks):
     """A device model on vCPU 1's exit path pauses the VM (as a userspace ITS will), while the
     host pauses too; every pause completes and the guest goes on."""

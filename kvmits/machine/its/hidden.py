@@ -8,14 +8,17 @@ programmed through KVM_SET_DEVICE_ATTR(KVM_DEV_ARM_VGIC_GRP_ITS_REGS): a write o
 runs the queued commands before the ioctl returns.
 
 Its mapping keeps every LPI where the kernel's own ITS would have it. In KVM an LPI is one
-vgic_irq with one target vCPU, however many ITEs map it (vgic-its.c):
+vgic_irq with one target vCPU (or none), however many ITEs map it, alive while any ITE names it
+(vgic-its.c: vgic_add_lpi, update_affinity, its_free_ite). The hidden ITS issues the command
+that makes KVM do the same to its own vgic_irq at the same point:
 - one *injector* device (DeviceID 0) whose EventID n is LPI 8192 + n;
 - one collection per vCPU: ICID n -> vCPU n (the model hands us targets, not the guest's ICIDs);
-- MAPTI when the first ITE maps an LPI, on that ITE's target (a later ITE of the same LPI finds
-  it where it is: vgic_add_lpi returns the existing interrupt); MOVI when the model moves it
-  (MOVI, a MAPC of its collection: KVM's update_affinity, also to an unchanged target); DISCARD
-  when no ITE maps it any more; MOVALL mirrored, and every LPI on the old vCPU noted on the new
-  one, as KVM moves them (without touching their ITEs); INT/CLEAR/INV/INVALL as they come.
+- the guest's first ITE of an LPI: MAPTI on that ITE's target; on a collection without a target,
+  an LPI without one (an ITE of the *creator* device, DeviceID 1, on UNTARGETED_ICID makes it,
+  the injector's ITE takes it, a MAPD of the creator frees the creator's ITE). A
+  later ITE of the same LPI changes nothing (vgic_add_lpi returns the existing interrupt).
+  Every update_affinity (MOVI, a MAPC of a collection holding the LPI, also to an unchanged
+  target): MOVI. The last ITE gone: DISCARD. MOVALL, INT, CLEAR, INV and INVALL as they come.
   `mapping()` is therefore where an MSI really goes, which can differ from the model's
   translation (the ITE's collection) for an LPI shared by ITEs or moved by MOVALL.
 
@@ -47,6 +50,10 @@ from kvmits.machine.memmap import HIDDEN_ITS_PRIVATE_SIZE
 log = logging.getLogger(__name__)
 
 INJECTOR_DEVID = 0
+# The creator device makes an LPI without a target, as the guest's first ITE on a collection
+# without one makes it in KVM (see HiddenIts.mapped), through an ITE on UNTARGETED_ICID, the
+# one collection the hidden ITS never maps: the last entry of its one-page collection table.
+CREATOR_DEVID = 1
 EVENT_BITS = 16                    # LPIs 8192 .. 2**16 - 1 (GITS_TYPER.IDbits of KVM's ITS is 16)
 
 # The VMM-private memory: all 64 KiB-aligned (KVM decodes BASER addresses in the 64K format).
@@ -55,6 +62,7 @@ CT_OFFSET = 0x10000                # collection table: 1 page
 CQ_OFFSET = 0x20000                # command queue: 64 KiB = 2048 commands
 CQ_SIZE = 0x10000
 ITT_OFFSET = 0x80000               # the injector's ITT: 2**16 events x 8 bytes = 512 KiB
+UNTARGETED_ICID = 0x10000 // 8 - 1  # a flat 64 KiB collection table holds 8192 ICIDs (8-byte entries)
 PRIVATE_SIZE = HIDDEN_ITS_PRIVATE_SIZE
 assert ITT_OFFSET + (8 << EVENT_BITS) <= PRIVATE_SIZE, "the hidden ITS's memory map does not fit its slot"
 
@@ -75,17 +83,22 @@ class HiddenIts:
     def __init__(self, vm, kernel_its, private, nr_vcpus: int):
         if private.size < PRIVATE_SIZE:
             raise ValueError(f"the hidden ITS needs {PRIVATE_SIZE:#x} bytes of private memory")
+        if nr_vcpus > UNTARGETED_ICID:
+            raise ValueError(f"the hidden ITS maps ICIDs 0..{nr_vcpus - 1} and keeps {UNTARGETED_ICID} "
+                             "unmapped: too many vCPUs")
         self.vm = vm
         self.kernel_its = kernel_its
         self.private = private
         self.nr_vcpus = nr_vcpus
         self.doorbell = kernel_its.doorbell
         self._cwriter = 0
+        # KVM keeps ITEs in its own lists and touches an ITT only to save or restore the tables,
+        # which the hidden ITS never does: the creator device can name the injector's ITT
+        self._creator_mapd = cmd.encode_mapd(CREATOR_DEVID, private.gpa + ITT_OFFSET, EVENT_BITS)
         self._queue: list[bytes] = []
         self._batching = 0
-        self._target: dict[int, int] = {}       # LPI -> vCPU KVM has it on (its hidden ITE's, or MOVALL's)
-        self._refs: dict[int, int] = {}         # LPI -> number of guest ITEs mapping it
-        self._orphans: set[int] = set()         # unmapped in this batch; DISCARD at flush unless re-mapped
+        self._target: dict[int, int | None] = {}  # LPI -> vCPU KVM has it on (None: no target yet)
+        self._refs: dict[int, int] = {}         # LPI -> number of guest ITEs naming it
         # statistics
         self.kicks = 0
         self.commands = 0
@@ -94,7 +107,8 @@ class HiddenIts:
 
     # -- set-up (before any vCPU runs, or paused) --------------------------------------------------
     def program(self) -> None:
-        """Tables, queue, enable; then the injector device and one collection per vCPU."""
+        """Tables, queue, enable; then the injector and creator devices and one collection per
+        vCPU (UNTARGETED_ICID is never mapped)."""
         p = self.private.gpa
         self.private.fill(p, PRIVATE_SIZE, 0)
         its = self.kernel_its
@@ -109,6 +123,7 @@ class HiddenIts:
         self._cwriter = its.get_reg(GITS_CWRITER)
         with self.batch():
             self._queue.append(cmd.encode_mapd(INJECTOR_DEVID, p + ITT_OFFSET, EVENT_BITS))
+            self._queue.append(self._creator_mapd)
             for cpu in range(self.nr_vcpus):
                 self._queue.append(cmd.encode_mapc(cpu, cpu))
             self._queue.append(cmd.encode_sync(0))
@@ -121,7 +136,6 @@ class HiddenIts:
         self._queue.clear()
         self._target.clear()
         self._refs.clear()
-        self._orphans.clear()
         self.program()
 
     # -- batching ------------------------------------------------------------------------------
@@ -136,16 +150,12 @@ class HiddenIts:
 
     @property
     def dirty(self) -> bool:
-        """Are there queued commands (or orphaned LPIs) waiting for flush()?"""
-        return bool(self._queue or self._orphans)
+        """Are there queued commands waiting for flush()?"""
+        return bool(self._queue)
 
     def flush(self) -> int:
         """Run everything queued on the hidden ITS: one GITS_CWRITER write per queue-full.
         All vCPUs must be out of KVM_RUN. Returns the number of commands run."""
-        for intid in sorted(self._orphans):
-            self._queue.append(cmd.encode_discard(INJECTOR_DEVID, intid - LPI_BASE))
-            self._target.pop(intid, None)
-        self._orphans.clear()
         done = 0
         slots = CQ_SIZE // 32 - 1                 # a full queue has CWRITER one slot behind CREADR
         while self._queue:
@@ -169,18 +179,21 @@ class HiddenIts:
 
     # -- the LPI sink (kvmits.its.LpiSink) -------------------------------------------------------
     def set_pending(self, intid: int, target: int) -> None:
-        if self._batching or self._queue or intid not in self._target:
-            # inside command processing: in order with the MAPTI/MOVI queued before it. An LPI
-            # the hidden ITS has is made pending where KVM has it, which after a MOVALL (or for
-            # an LPI several ITEs map) is not the translation's `target`: INT does not move it
-            if intid not in self._target:
-                self._align(intid, target)
+        if intid not in self._refs:
+            # the model names only LPIs it told us of (mapped): a kvmits bug, not the guest's
+            log.warning("hidden ITS: set_pending of LPI %d, which no ITE maps", intid)
+            self.dropped += 1
+            return
+        if self._batching or self._queue:
+            # inside command processing: in order with the MAPTI/MOVI queued before it. The LPI
+            # becomes pending where KVM has it, which after a MOVALL (or for an LPI several ITEs
+            # map, or one made without a target) is not the translation's `target`
             self._emit(cmd.encode_int(INJECTOR_DEVID, intid - LPI_BASE))
             return
         if self._target[intid] != target:
             # KVM keeps one target per LPI: after a MOVALL, or for an LPI several ITEs map, it
             # is not the translation's, and KVM delivers there (docs/introspection.md)
-            log.debug("hidden ITS: LPI %d goes to vCPU %d where KVM has it; its translation says %d",
+            log.debug("hidden ITS: LPI %d goes to vCPU %s where KVM has it; its translation says %d",
                       intid, self._target[intid], target)
         if self.vm.signal_msi(self.doorbell, intid - LPI_BASE, devid=INJECTOR_DEVID) == 1:
             self.injected += 1
@@ -188,57 +201,66 @@ class HiddenIts:
             self.dropped += 1
 
     def clear_pending(self, intid: int, target: int) -> None:
-        if intid in self._target:
+        if intid in self._refs:
             self._emit(cmd.encode_clear(INJECTOR_DEVID, intid - LPI_BASE))
 
     def invalidate(self, intid: int, target: int) -> None:
-        if intid in self._target:
+        if intid in self._refs:
             self._emit(cmd.encode_inv(INJECTOR_DEVID, intid - LPI_BASE))
 
     def invalidate_all(self, target: int) -> None:
         self._emit(cmd.encode_invall(target))
 
     def move(self, intid: int, old_target: int, new_target: int) -> None:
-        self._align(intid, new_target)
+        # Every update_affinity of the guest's ITS is one MOVI here, also to the target we think
+        # the LPI has: KVM sets it unconditionally, and our idea of it can be stale (an LPI
+        # re-mapped while KVM still held it queued keeps its old target; see `mapped`)
+        if intid in self._refs:
+            self._emit(cmd.encode_movi(INJECTOR_DEVID, intid - LPI_BASE, new_target))
+            self._target[intid] = new_target
 
     def move_all(self, old_target: int, new_target: int) -> None:
         self._emit(cmd.encode_movall(old_target, new_target))
-        # KVM retargets every LPI on the old vCPU (not only the pending ones) but leaves the ITEs'
-        # collections alone: such an LPI no longer goes where its ITE says, until a MOVI or a MAPC
-        # of its collection moves it (move(), also to the ITE's unchanged target)
+        # KVM retargets every LPI on the old vCPU (not only the pending ones, and none without
+        # a target) but leaves the ITEs' collections alone: such an LPI no longer goes where
+        # its ITE says, until a MOVI or a MAPC of its collection moves it (move())
         for intid, target in self._target.items():
             if target == old_target:
                 self._target[intid] = new_target
 
-    def mapped(self, intid: int, target: int) -> None:
+    def mapped(self, intid: int, target: int | None) -> None:
         refs = self._refs.get(intid, 0)
         self._refs[intid] = refs + 1
-        self._orphans.discard(intid)
-        if not refs:
-            # a new LPI starts on its ITE's target; one that another ITE maps stays where it is
-            # (KVM's vgic_add_lpi hands back the existing interrupt, target unchanged)
-            self._align(intid, target)
+        if refs:
+            return              # KVM's vgic_add_lpi hands back the existing interrupt, as it is
+        event = intid - LPI_BASE
+        if target is not None:
+            self._emit(cmd.encode_mapti(INJECTOR_DEVID, event, intid, target))
+        else:
+            # KVM makes the interrupt without a target vCPU: an INT or MSI then latches it
+            # pending but queues it nowhere, and a later MOVI or MAPC gives it a target without
+            # queueing it. The same here: the creator device's ITE, on a collection never
+            # mapped, makes it; the injector's ITE finds it so and, its own collection mapped,
+            # takes INT, CLEAR, INV, MOVI and DISCARD (which KVM refuses on an ITE whose
+            # collection is unmapped); re-mapping the creator frees its ITE at once.
+            self._emit(cmd.encode_mapti(CREATOR_DEVID, event, intid, UNTARGETED_ICID))
+            self._emit(cmd.encode_mapti(INJECTOR_DEVID, event, intid, 0))
+            self._emit(self._creator_mapd)
+        self._target[intid] = target
 
-    def unmapped(self, intid: int, target: int) -> None:
+    def unmapped(self, intid: int, target: int | None) -> None:
         refs = self._refs.get(intid, 0) - 1
         if refs > 0:
             self._refs[intid] = refs
             return
-        self._refs.pop(intid, None)
-        if intid in self._target:
-            # maybe re-mapped later in this batch (a MAPC re-target, MOVI): decide at flush
-            self._orphans.add(intid)
-
-    def _align(self, intid: int, target: int) -> None:
-        """Make the hidden ITE of `intid` exist and point at `target`."""
-        current = self._target.get(intid)
-        if current is None:
-            self._emit(cmd.encode_mapti(INJECTOR_DEVID, intid - LPI_BASE, intid, target))
-        elif current != target:
-            self._emit(cmd.encode_movi(INJECTOR_DEVID, intid - LPI_BASE, target))
-        else:
+        if refs < 0:
+            log.warning("hidden ITS: unmapped LPI %d, which no ITE maps", intid)
             return
-        self._target[intid] = target
+        # the last ITE: KVM lets go of the interrupt, which lives on while a vCPU still has it
+        # queued (pending) -- and so does the hidden one, whose DISCARD runs at the same point
+        del self._refs[intid]
+        self._target.pop(intid, None)
+        self._emit(cmd.encode_discard(INJECTOR_DEVID, intid - LPI_BASE))
 
     # -- for routes and inspection ------------------------------------------------------------------
     def event_of(self, intid: int) -> int:
@@ -247,5 +269,5 @@ class HiddenIts:
 
     def mapping(self) -> dict[int, int]:
         """LPI -> the vCPU KVM delivers it to (after flush()): where an MSI translating to it
-        really goes."""
-        return dict(self._target)
+        really goes. LPIs without a target (see `mapped`) are left out: they go nowhere."""
+        return {intid: t for intid, t in self._target.items() if t is not None}
