@@ -390,6 +390,10 @@ def unpack_kernel_deb(deb: Path, vmlinuz: Path, modules_out: Path | None) -> tup
                     data = tar.extractfile(member).read()
                     data_of[member.name.lstrip("./")] = data
                     writer.add_file(name, data, perm)
+        # the end-of-archive blocks leave tar's padding unread: drain it, or dpkg-deb
+        # would fail on a broken pipe and look like a bad .deb
+        while proc.stdout.read(1 << 16):
+            pass
     finally:
         proc.stdout.close()
         proc.wait()
