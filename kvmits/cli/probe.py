@@ -49,6 +49,8 @@ def run_checks(path: str = DEFAULT_DEVICE, machine: str | None = None, kvm_facto
         checks.append(Check(name, status, detail))
 
     arm64 = machine == "aarch64"
+    uname = os.uname()
+    add("kernel", PASS, f"{uname.release} ({uname.version})")
     if arm64:
         add("architecture", PASS, "aarch64: kvmits runs its arm64 VMs natively here")
     else:
@@ -116,6 +118,26 @@ def _arm64_gic_checks(kvm, add, cap) -> None:
         # KVM_CAP_MSI_DEVID is answered per VM, and only once the VM has an ITS (notes/lpi-delivery.md)
         cap("KVM_CAP_MSI_DEVID", True, "MSIs carry a DeviceID (needed by the ITS)", on=vm)
         del dev
+    _its_behaviour_check(kvm, add)
+
+
+def _its_behaviour_check(kvm, add) -> None:
+    """The choices of the kernel's ITS where KVM changed between kernels (the userspace ITS
+    makes the same ones: kvmits.machine.its.behaviour)."""
+    from kvmits.machine.its import behaviour
+
+    try:
+        found = behaviour.probe(kvm)
+    except KvmError as exc:
+        add("ITS behaviour", FAIL, f"the probe of the kernel's ITS failed: {exc}")
+        return
+    choices = ", ".join(f"{k}={v}" for k, v in found.choices.items())
+    if found.expected is None:
+        add("ITS behaviour", PASS, f"{choices} (probed; the kernel's version says nothing: not a release)")
+    elif found.differences():
+        add("ITS behaviour", WARN, f"{choices} (probed; unlike its version: {'; '.join(found.differences())})")
+    else:
+        add("ITS behaviour", PASS, f"{choices} (probed; as kvmits.its.config.KVM_CHANGES says for this version)")
 
 
 def _generic_vm_check(kvm, add) -> None:

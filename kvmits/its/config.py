@@ -1,15 +1,20 @@
 """The choices the architecture leaves to an ITS implementation, and this model's answers.
 
-Every field defaults to what the in-kernel KVM ITS (Linux 6.1, arch/arm64/kvm/vgic/vgic-its.c)
-does, so a guest cannot tell the two apart. `ItsConfig.spec()` gives the answers a physical
-ITS would more typically give (all page sizes, RES0 bits read as zero, re-mapping keeps what
-is in memory, erroneous commands stall the queue). Any field can be set on its own.
+Every field defaults to what the in-kernel KVM ITS of Debian bookworm's Linux 6.1 (6.1.192,
+arch/arm64/kvm/vgic/vgic-its.c) does, so a guest cannot tell the two apart. Where KVM's ITS
+changed between kernels, the field is a named choice: `ItsConfig.kvm(release)` sets them for a
+kernel release from KVM_CHANGES, and a machine probes the running kernel for them
+(kvmits.machine.its.behaviour). `ItsConfig.spec()` gives the answers a physical ITS would more
+typically give (all page sizes, RES0 bits read as zero, re-mapping keeps what is in memory,
+erroneous commands stall the queue). Any field can be set on its own.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from kvmits.its.registers import GITS_IIDR_KVM
 
@@ -96,6 +101,17 @@ class ItsConfig:
     #: already pending stays pending and is still delivered, on the vCPU KVM has it on (the
     #: differential check's masked programs show it, tests/arm64/test_differential.py).
     discard_clears_pending: bool = False
+    #: MAPC V=0 checks RDbase as V=1 does: a processor number past the last vCPU fails with
+    #: E_ITS_MAPC_PROCNUM_OOR and the collection stays mapped (Linux 6.1). Since Linux 6.7
+    #: ("KVM: arm64: vgic-its: Treat the collection target address as a vcpu_id") KVM looks the
+    #: vCPU up for V=1 only, and V=0 unmaps whatever RDbase says (seen on 6.12.118).
+    mapc_unmap_checks_target: bool = True
+    #: MAPD V=0 writes zero over the device's table entry and DISCARD over the ITE, in guest
+    #: memory (Linux 6.13 "KVM: arm64: vgic-its: Clear DTE when MAPD unmaps a device" and
+    #: "... Clear ITE when DISCARD frees an ITE", backported to 6.1.120 and 6.12.5): a later
+    #: KVM_DEV_ARM_ITS_RESTORE_TABLES no longer finds what was unmapped. The architecture leaves
+    #: the ITS's table memory to the ITS (IHI 0069 5.2), so a guest must not look.
+    zero_freed_entries: bool = True
     #: Commands processed per GITS_CWRITER write at most; the rest continue on the next
     #: GITS_CWRITER write, GITS_CREADR/GITS_CTLR read (a guest polling for completion), or an
     #: explicit process_commands(). The queue holds at most 32768 commands.
@@ -118,9 +134,11 @@ class ItsConfig:
             raise ValueError("command_budget must be >= 1, max_ites and error_log_size >= 0")
 
     @classmethod
-    def kvm(cls, **overrides) -> "ItsConfig":
-        """The in-kernel ITS's behaviour (the defaults)."""
-        return cls(**overrides)
+    def kvm(cls, release: str, **overrides) -> "ItsConfig":
+        """The in-kernel ITS of Linux `release` ("6.12.118+deb13-arm64", "6.1.0-57-arm64" with
+        `version`, or "6.12.118"), as KVM_CHANGES knows it. A kernel that is not a release
+        (a developer's own build) is better probed: kvmits.machine.its.behaviour."""
+        return cls(**{**kvm_choices(kernel_version(release)), **overrides})
 
     @classmethod
     def spec(cls, **overrides) -> "ItsConfig":
@@ -133,3 +151,48 @@ class ItsConfig:
                    collection_unmap=CollectionUnmap.KEEP, strict_collection_checks=True,
                    discard_clears_pending=True)
         return replace(base, **overrides)
+
+
+class KvmChange(NamedTuple):
+    """A change of KVM's ITS a guest can see: the ItsConfig field it sets, its value before and
+    from `since` on (a stable backport counts as the release that has it)."""
+
+    field: str
+    before: object
+    after: object
+    since: tuple[tuple[int, ...], ...]    # first version of each line that has it (6.1.120, 6.12.5, 6.13)
+    what: str
+
+
+#: What differs between the kernels kvmits has been checked on (docs/kernels.md), newest last.
+KVM_CHANGES = (
+    KvmChange("mapc_unmap_checks_target", True, False, ((6, 7),),
+              "MAPC V=0 no longer checks RDbase (a vcpu_id since 6.7)"),
+    KvmChange("zero_freed_entries", False, True, ((6, 1, 120), (6, 12, 5), (6, 13)),
+              "MAPD V=0 and DISCARD zero the guest's table entries"),
+)
+
+
+def kernel_version(release: str) -> tuple[int, ...]:
+    """(6, 12, 118) from "6.12.118+deb13-arm64"; Debian's 6.1 package names ("6.1.0-57-arm64")
+    carry no patch level: give `uname -v`'s "Debian 6.1.192-3" or the version itself then."""
+    if re.match(r"\d+\.\d+\.0-\d+-", release):
+        raise ValueError(f"{release!r} is a Debian ABI name without the patch level: "
+                         "give the version from `uname -v` (e.g. 'Debian 6.1.192-3')")
+    m = re.search(r"(?:Debian |^)(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if not m:
+        raise ValueError(f"not a kernel version: {release!r}")
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+def _has(version: tuple[int, ...], since: tuple[tuple[int, ...], ...]) -> bool:
+    """Does `version` have a change first released in `since` (one version per stable line)?"""
+    for first in since:
+        if version[:2] == first[:2]:
+            return version >= first
+    return version >= max(since)
+
+
+def kvm_choices(version: tuple[int, ...]) -> dict:
+    """The KVM_CHANGES fields for a kernel version."""
+    return {c.field: (c.after if _has(version, c.since) else c.before) for c in KVM_CHANGES}

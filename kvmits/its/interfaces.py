@@ -24,8 +24,9 @@ class GuestMemory(Protocol):
 
     Both methods raise `kvmits.errors.GuestMemoryError` when any byte of the range is not
     backed by guest RAM; the model catches it and handles it the way the architecture says
-    (a command that cannot be read, a table entry that is not there). The model never writes
-    guest memory except in `ItsModel.save_tables()` (like KVM_DEV_ARM_ITS_SAVE_TABLES).
+    (a command that cannot be read, a table entry that is not there). The model writes guest
+    memory only in `ItsModel.save_tables()` (like KVM_DEV_ARM_ITS_SAVE_TABLES) and, with
+    ItsConfig.zero_freed_entries, zeroes over the entry MAPD V=0 or DISCARD frees, as KVM does.
     """
 
     def read(self, gpa: int, size: int) -> bytes: ...

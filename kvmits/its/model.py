@@ -152,6 +152,7 @@ class ItsModel:
         self.ro_writes = 0               # writes to read-only (or read-only-now) registers
         self.enable_refused = 0          # GITS_CTLR.Enabled = 1 without valid tables/queue
         self.sink_skipped = 0            # CLEAR/INV on an ITE without a mapped collection
+        self.zero_write_faults = 0       # MAPD V=0 / DISCARD entries outside guest RAM (zero_freed_entries)
         self._log_budget = cfg.log_limit
 
         self.generation = 0
@@ -253,6 +254,7 @@ class ItsModel:
             "ro_writes": self.ro_writes,
             "enable_refused": self.enable_refused,
             "sink_skipped": self.sink_skipped,
+            "zero_write_faults": self.zero_write_faults,
             "generation": self.generation,
             "devices": len(self._devices),
             "collections": len(self._collections),
@@ -655,7 +657,8 @@ class ItsModel:
 
     # -- one handler per command ------------------------------------------------------------------
     def _cmd_mapd(self, devid: int, size_bits: int, itt_addr: int, valid: int) -> int:
-        if abi.table_entry_address(self.memory, self._dt, devid, self._devbits) is None:
+        entry = abi.table_entry_address(self.memory, self._dt, devid, self._devbits)
+        if entry is None:
             return C.E_ITS_MAPD_DEVICE_OOR
         if valid and size_bits > self.config.idbits:
             return C.E_ITS_MAPD_ITTSIZE_OOR
@@ -674,13 +677,15 @@ class ItsModel:
             self._free_device(devid, dev)
         if valid:
             self._devices[devid] = _Device(itt_addr, size_bits)
+        elif self.config.zero_freed_entries:
+            self._zero_entry(entry)             # KVM: also for a device that was not mapped
         if valid or dev is not None:
             self._mapping_changed("MAPD", devid)
         return 0
 
     def _cmd_mapc(self, icid: int, target: int, valid: int) -> int:
-        if target >= self.redistributors.nr_vcpus:
-            return C.E_ITS_MAPC_PROCNUM_OOR     # checked for V=0 too (KVM)
+        if target >= self.redistributors.nr_vcpus and (valid or self.config.mapc_unmap_checks_target):
+            return C.E_ITS_MAPC_PROCNUM_OOR     # for V=0 too before Linux 6.7 (ItsConfig)
         if not valid:
             if icid in self._collections or icid in self._placeholders:
                 self._unmap_collection(icid)
@@ -795,8 +800,19 @@ class ItsModel:
         if self.config.discard_clears_pending:
             self.sink.clear_pending(ite[0], target)
         self._remove_ite(devid, dev, eventid)
+        if self.config.zero_freed_entries:
+            self._zero_entry(dev.itt_addr + eventid * abi.ABI_REV0_ENTRY_SIZE)
         self._mapping_changed("DISCARD", devid, eventid, ite[1])
         return 0
+
+    def _zero_entry(self, gpa: int) -> None:
+        """Write zero over a table entry of the ITS's, as KVM does on MAPD V=0 and DISCARD
+        (ItsConfig.zero_freed_entries). An entry outside guest RAM: the command still succeeds
+        (KVM's write fails, and command errors are silent)."""
+        try:
+            self.memory.write(gpa, bytes(abi.ABI_REV0_ENTRY_SIZE))
+        except GuestMemoryError:
+            self.zero_write_faults += 1
 
     def _cmd_int(self, devid: int, eventid: int) -> int:
         err, _, ite = self._lookup(C.GITS_CMD_INT, devid, eventid)

@@ -55,8 +55,9 @@ class MachineConfig:
     cpus: int = 1
     mem_size: int = DEFAULT_MEM_SIZE
     its: str | None = "kernel"
-    #: with its="user": the model's kvmits.its.ItsConfig (None: behave like the kernel's ITS),
-    #: and the DeviceID a CPU's write to GITS_TRANSLATER carries
+    #: with its="user": the model's kvmits.its.ItsConfig (None: make the choices of the running
+    #: kernel's ITS, probed once per process: kvmits.machine.its.behaviour), and the DeviceID a
+    #: CPU's write to GITS_TRANSLATER carries
     its_config: object = None
     translater_devid: int = 0
     nr_irqs: int = DEFAULT_NR_IRQS
@@ -114,13 +115,18 @@ class Machine:
         self.gic.set_redist_base(mm.gicr.base)
         self.gic.set_nr_irqs(self.config.nr_irqs)
         its_class = ITS_IMPLEMENTATIONS.get(self.config.its)
+        its_config = self.config.its_config
+        if self.config.its == "user" and its_config is None:
+            from kvmits.machine.its.behaviour import its_config as running_kernel_its_config
+
+            its_config = running_kernel_its_config(self.kvm)
         if its_class is not None:
             its_device = its_class.create(self.vm, mm)      # an ITS is initialised before the vGIC
         self.gic.ctrl_init()
         if its_class is not None:
             self.its = its_class.attach(self.vm, its_device, memmap=mm, ram=self.ram, vgic=self.gic,
                                         mpidr=self.mpidrs[0], nr_vcpus=mm.cpus, pause=self.paused,
-                                        config=self.config.its_config, translater_devid=self.config.translater_devid)
+                                        config=its_config, translater_devid=self.config.translater_devid)
 
         self.bus = MmioBus()
         self.uart = Pl011(console, irq=self._uart_irq)

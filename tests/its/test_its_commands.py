@@ -91,6 +91,34 @@ def test_mapd_unmap_notifies_every_ite(h):
     assert h.sink.refs == {}
 
 
+def test_mapd_unmap_and_discard_zero_the_freed_entries_like_kvm():
+    """Linux 6.13 (and 6.1.120+, 6.12.y): MAPD V=0 zeroes the device table entry, also of a
+    device that was not mapped, and DISCARD the ITE; before, the memory kept what a save wrote."""
+    for zero in (True, False):
+        h = Harness(ItsConfig(zero_freed_entries=zero), nr_vcpus=4)
+        mapped_device(h, events=((0, 8192), (1, 8193)))
+        h.its.save_tables()
+        dte = DEVICE_TABLE + 1 * 8
+        ite0, ite1 = itt(1), itt(1) + 8
+        assert h.ram.peek_u64(dte) and h.ram.peek_u64(ite0) and h.ram.peek_u64(ite1)
+        assert h.run(C.encode_discard(1, 0)) == []
+        assert (h.ram.peek_u64(ite0) == 0) == zero and h.ram.peek_u64(ite1)
+        assert h.run(C.encode_mapd(1, 0, 1, valid=False)) == []
+        assert (h.ram.peek_u64(dte) == 0) == zero
+        h.ram.poke_u64(DEVICE_TABLE + 7 * 8, 0x1234)
+        assert h.run(C.encode_mapd(7, 0, 1, valid=False)) == []
+        assert (h.ram.peek_u64(DEVICE_TABLE + 7 * 8) == 0) == zero
+        assert h.its.dump()["devices"] == {}
+
+
+def test_a_freed_entry_outside_guest_ram_is_counted_not_raised():
+    h = Harness(ItsConfig(zero_freed_entries=True), nr_vcpus=4)
+    bad_itt = 0xF000_0000                       # the ITT address MAPD took is not RAM
+    assert h.run(C.encode_mapd(1, bad_itt, 4), C.encode_mapc(0, 1), C.encode_mapti(1, 0, 8192, 0),
+                 C.encode_discard(1, 0)) == []
+    assert h.its.zero_write_faults == 1 and h.its.stats()["zero_write_faults"] == 1
+
+
 # -- MAPC ---------------------------------------------------------------------------------------
 def test_mapc_maps_retargets_and_unmaps(h):
     mapped_device(h, icid=2, target=1, events=((0, 8192), (1, 8193)))
@@ -411,3 +439,28 @@ def test_two_level_device_table_reads_level1_valid_at_mapd_time():
     h.ram.poke_u64(DEVICE_TABLE + 8 * 9, (1 << 63) | (RAM_BASE + RAM_SIZE))
     assert h.run(C.encode_mapd(9 * 8192, itt(5), 4)) == [C.E_ITS_MAPD_DEVICE_OOR]
     assert sorted(h.its.dump()["devices"]) == [0, 8191, 7 * 8192 + 5]
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_mapc_unmap_with_a_target_past_the_last_vcpu(checks):
+    """Linux 6.1 checks RDbase for MAPC V=0 too; since 6.7 V=0 unmaps whatever RDbase says."""
+    h = Harness(ItsConfig(mapc_unmap_checks_target=checks), nr_vcpus=4)
+    assert h.run(C.encode_mapc(5, 2)) == []
+    assert h.run(C.encode_mapc(5, 4, valid=False)) == ([C.E_ITS_MAPC_PROCNUM_OOR] if checks else [])
+    assert h.its.dump()["collections"] == ({5: 2} if checks else {})
+    assert h.run(C.encode_mapc(5, 4)) == [C.E_ITS_MAPC_PROCNUM_OOR]     # V=1: always checked
+
+
+def test_kvm_config_by_kernel_release():
+    from kvmits.its.config import kernel_version
+
+    assert not ItsConfig.kvm("6.12.118+deb13-arm64").mapc_unmap_checks_target
+    assert ItsConfig.kvm("#1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3 (2025-10-07)").mapc_unmap_checks_target
+    assert ItsConfig.kvm("6.1.192").zero_freed_entries and not ItsConfig.kvm("6.1.119").zero_freed_entries
+    assert not ItsConfig.kvm("6.12.4").zero_freed_entries and ItsConfig.kvm("6.13").zero_freed_entries
+    assert not ItsConfig.kvm("6.6.60").zero_freed_entries        # a line without the backport
+    assert ItsConfig.kvm("6.12.118", command_budget=7).command_budget == 7
+    with pytest.raises(ValueError, match="patch level"):
+        kernel_version("6.1.0-57-arm64")                          # Debian's ABI name says nothing
+    with pytest.raises(ValueError):
+        kernel_version("my-kernel")

@@ -174,6 +174,13 @@ class HiddenIts:
         self.commands += done
         return done
 
+    def run(self, *commands: bytes) -> int:
+        """Run raw ITS commands on the hidden ITS now, after anything queued (vCPUs out of
+        KVM_RUN). Past the sink's bookkeeping: for probes of the kernel's ITS (its
+        behaviour module) and experiments on a machine of one's own."""
+        self._queue.extend(commands)
+        return self.flush()
+
     def _emit(self, command: bytes) -> None:
         self._queue.append(command)
 
