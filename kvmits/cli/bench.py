@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from kvmits.bench import ITS_MODES, SCHEMA_VERSION
-from kvmits.cli.testbed import SOURCE_ROOT, in_testbed, testbed_command
+from kvmits.cli.testbed import SOURCE_ROOT, add_kernel_option, in_testbed, kernel_refused, testbed_command
 
 # targets of issue 6 (reported, never asserted)
 TARGET_IRQFD = 0.9          # userspace irqfd throughput / kernel irqfd throughput, at least
@@ -71,7 +71,8 @@ def local_run(args, where: str, parts: set[int]) -> dict:
 def testbed_run(args) -> dict:
     """`kvmits bench --json` inside the arm64 testbed; its run, or a skipped entry saying why."""
     cmd = testbed_command(["bench", "--json", "--no-chart", "--repeat", str(args.repeat),
-                           "--parts", ",".join(map(str, sorted(args.parts)))] + (["--quick"] if args.quick else []))
+                           "--parts", ",".join(map(str, sorted(args.parts)))] + (["--quick"] if args.quick else []),
+                          args.kernel)
     if cmd is None:
         return {"where": "testbed", "arch": "aarch64", "emulated": True, "figures": [],
                 "skipped": [{"part": 0, "reason": "no tools/testbed in this installation (arm64 KVM needed)"}]}
@@ -234,6 +235,9 @@ def cmd_bench(args) -> int:
         return 2
     if args.repeat is None:
         args.repeat = 3 if args.quick else 5
+    refused = kernel_refused("bench", args)
+    if refused is not None:
+        return refused
     t0 = time.monotonic()
     runs = []
     if platform.machine() == "aarch64":
@@ -267,4 +271,5 @@ def register(sub) -> None:
                    help="on a non-arm64 host: only what runs here (the exit loop), not the testbed")
     p.add_argument("--chart", default="kvmits-bench.png", help="PNG chart path (default: %(default)s)")
     p.add_argument("--no-chart", action="store_true", help="no PNG chart")
+    add_kernel_option(p)
     p.set_defaults(func=cmd_bench)

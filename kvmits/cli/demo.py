@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from kvmits.cli.testbed import in_testbed, needs_testbed, run_in_testbed
+from kvmits.cli.testbed import add_kernel_option, in_testbed, kernel_refused, needs_testbed, run_in_testbed
 from kvmits.its.registers import GITS_TYPER, LPI_BASE
 
 DEVID = 0x42
@@ -113,9 +113,12 @@ def format_table(kernel: dict, user: dict, emulated: bool) -> str:
 
 
 def cmd_demo(args) -> int:
+    refused = kernel_refused("demo", args)
+    if refused is not None:
+        return refused
     if needs_testbed():
         return run_in_testbed("demo", ["demo", "--cpus", str(args.cpus), "--events", str(args.events)]
-                              + (["--json"] if args.json else []))
+                              + (["--json"] if args.json else []), args.kernel)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("kvmits demo: /dev/kvm is missing or not accessible: run `kvmits probe`", file=sys.stderr)
         return 2
@@ -139,4 +142,5 @@ def register(sub) -> None:
     p.add_argument("--cpus", type=int, default=4, help="vCPUs (default: %(default)s)")
     p.add_argument("--events", type=int, default=16, help="events/LPIs of the demo device (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_kernel_option(p)
     p.set_defaults(func=cmd_demo)

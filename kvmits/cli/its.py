@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from kvmits.cli.testbed import in_testbed, needs_testbed, run_in_testbed
+from kvmits.cli.testbed import add_kernel_option, in_testbed, kernel_refused, needs_testbed, run_in_testbed
 
 MODES = ("kernel", "user")
 #: what each translation miss means (IHI 0069 5.2: the first look-up that fails)
@@ -261,8 +261,11 @@ def cmd_its(args) -> int:
     try:
         if not args.connect:
             batches = load_program(args)            # a bad program fails here, before any VM
+            refused = kernel_refused("its", args)
+            if refused is not None:
+                return refused
             if needs_testbed():
-                return run_in_testbed("its", _testbed_argv(args))
+                return run_in_testbed("its", _testbed_argv(args), args.kernel)
             if not os.access("/dev/kvm", os.R_OK | os.W_OK):
                 print("kvmits its: /dev/kvm is missing or not accessible: run `kvmits probe`", file=sys.stderr)
                 return 2
@@ -303,4 +306,5 @@ def register(sub) -> None:
             a.add_argument("--send", action="store_true",
                            help="without --connect: then send the MSI and report which vCPU the guest took the LPI on")
         a.add_argument("--json", action="store_true", help="machine-readable output")
+        add_kernel_option(a)
         a.set_defaults(func=cmd_its)

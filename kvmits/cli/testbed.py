@@ -24,19 +24,39 @@ def needs_testbed() -> bool:
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def testbed_command(argv: list[str]) -> list[str] | None:
+def add_kernel_option(parser) -> None:
+    """`--kernel K` of the commands that run in the testbed on a non-arm64 host."""
+    parser.add_argument("--kernel", metavar="K", default=None,
+                        help="on a non-arm64 host, the testbed's guest kernel: a Debian suite, version "
+                             "or a path to an arm64 Image (tools/testbed --kernel; default: "
+                             "$KVMITS_TESTBED_KERNEL, else bookworm's 6.1). On an arm64 host: refused, "
+                             "the command runs on this host's kernel")
+
+
+def kernel_refused(name: str, args) -> int | None:
+    """2 (and why, on stderr) if `--kernel` was given where the command runs on this host's kernel."""
+    if getattr(args, "kernel", None) and not needs_testbed():
+        print(f"kvmits {name}: --kernel chooses the testbed's kernel; on this {platform.machine()} host the "
+              f"command runs on the host's own kernel ({os.uname().release})", file=sys.stderr)
+        return 2
+    return None
+
+
+def testbed_command(argv: list[str], kernel: str | None = None) -> list[str] | None:
     """The host command (run in SOURCE_ROOT) that runs `python3 -m kvmits ARGV` in the testbed,
-    or None if this installation has no tools/testbed."""
+    on `kernel` (tools/testbed --kernel), or None if this installation has no tools/testbed."""
     tool = SOURCE_ROOT / "tools" / "testbed"
     if not tool.is_file():
         return None
-    return [sys.executable, str(tool), "run", "-q", "--", "python3", "-m", "kvmits", *argv]
+    chosen = ["--kernel", kernel] if kernel else []
+    return [sys.executable, str(tool), "run", "-q", *chosen, "--", "python3", "-m", "kvmits", *argv]
 
 
-def run_in_testbed(name: str, argv: list[str]) -> int:
-    """`kvmits NAME ...` on a non-arm64 host: say so, run `kvmits ARGV` in the testbed with its
-    output passed through, and return its exit status (2 if there is no testbed)."""
-    cmd = testbed_command(argv)
+def run_in_testbed(name: str, argv: list[str], kernel: str | None = None) -> int:
+    """`kvmits NAME ...` on a non-arm64 host: say so, run `kvmits ARGV` in the testbed (on
+    `kernel`) with its output passed through, and return its exit status (2 if there is no
+    testbed; the testbed's own statuses otherwise, e.g. 123 for a guest kernel fault)."""
+    cmd = testbed_command(argv, kernel)
     if cmd is None:
         print(f"kvmits {name} needs arm64 KVM; on other hosts it runs in the testbed of a kvmits "
               "source tree (tools/testbed), which this installation does not have.", file=sys.stderr)
