@@ -123,13 +123,14 @@ def test_an_orphaned_ite_behaves_the_same(labs):
 def test_a_small_command_budget_changes_nothing_the_guest_sees(labs):
     """With a command budget of 2, the guest's GITS_CREADR polls run most of each batch: what
     they run must reach the hidden ITS at once (LPIs delivered) and end in the kernel's state."""
-    from kvmits.its import ItsConfig
     from kvmits.its import commands as cmd
     from kvmits.lab.differential import compare, compare_pending, run_pair
+    from kvmits.machine.its.behaviour import its_config
     from kvmits.lab.its_lab import ItsLab
 
     kernel, _ = labs
-    with ItsLab(cpus=CPUS, its="user", its_config=ItsConfig(command_budget=2)) as small:
+    # the running kernel's choices (kvmits.machine.its.behaviour), with a budget of 2
+    with ItsLab(cpus=CPUS, its="user", its_config=its_config(command_budget=2)) as small:
         small.setup()
         for lab in (kernel, small):
             lab.reset_its()
