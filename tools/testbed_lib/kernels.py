@@ -595,14 +595,19 @@ def _modules_part(spec: KernelSpec) -> tuple[str, str, tuple[str, Path] | None]:
     return f"-modules-{digest[:12]}", f", modules {release} from {tree}", (release, tree)
 
 
+def _user_identity(spec: KernelSpec, prefix: str, what: str):
+    """(key, description, --modules part) of a user's file: by its sha256 and its modules."""
+    path = Path(spec.value)
+    sha = file_sha256(path)
+    key_mods, desc_mods, mods = _modules_part(spec)
+    return f"{prefix}-{sha[:16]}{key_mods}", f"user {what} {path} sha256:{sha[:16]}{desc_mods}", mods
+
+
 def _ensure_user_image(layout: Layout, spec: KernelSpec) -> Kernel:
     path = Path(spec.value)
     kind = check_image(path)
     t = clock()
-    sha = file_sha256(path)
-    key_mods, desc_mods, mods = _modules_part(spec)
-    key = f"image-{sha[:16]}{key_mods}"
-    description = f"user {kind} {path} sha256:{sha[:16]}{desc_mods}"
+    key, description, mods = _user_identity(spec, "image", kind)
     store = KernelStore(layout)
     found = store.lookup(key, description)
     if found:
@@ -624,10 +629,7 @@ def _ensure_user_image(layout: Layout, spec: KernelSpec) -> Kernel:
 def _ensure_user_deb(layout: Layout, spec: KernelSpec) -> Kernel:
     path = Path(spec.value)
     t = clock()
-    sha = file_sha256(path)
-    key_mods, desc_mods, mods = _modules_part(spec)
-    key = f"deb-{sha[:16]}{key_mods}"
-    description = f"user .deb {path} sha256:{sha[:16]}{desc_mods}"
+    key, description, mods = _user_identity(spec, "deb", ".deb")
     store = KernelStore(layout)
     found = store.lookup(key, description) or store.put(key, description, lambda work: _unpack_user_deb(
         path, work, mods, t))
