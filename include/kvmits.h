@@ -75,6 +75,11 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_IRQFD_FLAG_DEASSIGN 1
 #define KVM_IRQFD_FLAG_RESAMPLE 2
 
+/* KVM_IOEVENTFD flags: 1 << kvm_ioeventfd_flag_nr_{datamatch,pio,deassign} */
+#define KVM_IOEVENTFD_FLAG_DATAMATCH 1
+#define KVM_IOEVENTFD_FLAG_PIO 2
+#define KVM_IOEVENTFD_FLAG_DEASSIGN 4
+
 /* KVM_CREATE_DEVICE */
 #define KVM_CREATE_DEVICE_TEST 1
 #define KVM_DEV_TYPE_ARM_VGIC_V2 5
@@ -136,6 +141,15 @@ struct kvm_irqfd {
     uint32_t flags;
     uint32_t resamplefd;
     uint8_t pad[16];
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t fd;
+    uint32_t flags;
+    uint8_t pad[36];
 };
 
 struct kvm_msi {

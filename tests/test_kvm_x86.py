@@ -120,3 +120,51 @@ def test_irqfd_on_bad_fd_is_a_kvm_error(x86_kvm):
         with pytest.raises(KvmError) as info:
             vm.irqfd(efd, 1)
         assert info.value.ioctl == "KVM_IRQFD" and info.value.errno == errno.EBADF
+
+
+def _run_round_trip(vcpu):
+    """Run x86guest.ROUND_TRIP to its HLT; the MMIO exits seen, reads answered with 41."""
+    seen = []
+    while True:
+        ex = vcpu.run()
+        if not isinstance(ex, MmioExit):
+            assert ex.reason == uapi.KVM_EXIT_HLT
+            return seen
+        seen.append((ex.phys_addr, bool(ex.is_write), ex.data if ex.is_write else None))
+        if not ex.is_write:
+            vcpu.complete_mmio_read(41)
+
+
+@pytest.mark.parametrize("datamatch, consumed", [(None, True), (0x1234, True), (0x9999, False)])
+def test_ioeventfd_takes_the_write_in_the_kernel(x86_kvm, datamatch, consumed):
+    """KVM_IOEVENTFD on the guest's first MMIO write (2 bytes of 0x1234): KVM signals the eventfd
+    and the vCPU never exits for it; with a datamatch the write must carry that value."""
+    with x86_kvm.create_vm() as vm, EventFd() as efd:
+        assert vm.check_extension(uapi.KVM_CAP_IOEVENTFD) > 0
+        vcpu, ram = x86guest.boot(vm, x86guest.ROUND_TRIP)
+        vm.ioeventfd(efd, x86guest.MMIO, 2, datamatch=datamatch)
+        seen = _run_round_trip(vcpu)
+        first_write = (x86guest.MMIO, True, 0x1234)
+        assert (first_write not in seen) == consumed
+        assert seen[-2:] == [(x86guest.MMIO + 2, False, None), (x86guest.MMIO + 4, True, 42)]
+        assert efd.read() == (1 if consumed else 0)
+        ram.close()
+
+
+def test_ioeventfd_deassign_and_errors_name_the_ioctl(x86_kvm):
+    with x86_kvm.create_vm() as vm, EventFd() as efd:
+        vcpu, ram = x86guest.boot(vm, x86guest.ROUND_TRIP)
+        vm.ioeventfd(efd, x86guest.MMIO, 2)
+        with pytest.raises(KvmError) as info:
+            vm.ioeventfd(efd, x86guest.MMIO, 2)                     # the same one twice
+        assert info.value.errno == errno.EEXIST and "KVM_IOEVENTFD" in str(info.value)
+        vm.ioeventfd_deassign(efd, x86guest.MMIO, 2)
+        assert _run_round_trip(vcpu)[0] == (x86guest.MMIO, True, 0x1234)   # exits again
+        assert efd.read() == 0
+        with pytest.raises(KvmError) as info:
+            vm.ioeventfd_deassign(efd, x86guest.MMIO, 2)            # not there any more
+        assert info.value.errno == errno.ENOENT and "deassign" in str(info.value)
+        with pytest.raises(KvmError) as info:
+            vm.ioeventfd(efd, x86guest.MMIO, 3)                     # lengths are 0, 1, 2, 4, 8
+        assert info.value.errno == errno.EINVAL and "len=3" in str(info.value)
+        ram.close()

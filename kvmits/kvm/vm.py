@@ -172,6 +172,36 @@ class Vm:
         ioctl(self.fd, "KVM_IRQFD", req, detail=f"deassign fd={efd.fileno()} gsi={gsi}")
         self._irqfds.discard((efd.fileno(), gsi))
 
+    def ioeventfd(self, efd: EventFd, addr: int, length: int, datamatch: int | None = None,
+                  pio: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of `length` bytes (1, 2, 4 or 8; 0: any) to `addr`
+        signals `efd` inside the kernel, with no KVM_EXIT_MMIO (KVM_EXIT_IO with `pio`, x86
+        only); with `datamatch`, only writes of that value (api.rst 4.59). The write completes
+        at once for the guest: what it wrote is not kept, only the count."""
+        ioctl(self.fd, "KVM_IOEVENTFD", self._ioeventfd_request(efd, addr, length, datamatch, pio, 0),
+              detail=self._ioeventfd_detail(efd, addr, length, datamatch, pio))
+
+    def ioeventfd_deassign(self, efd: EventFd, addr: int, length: int, datamatch: int | None = None,
+                           pio: bool = False) -> None:
+        """Remove an ioeventfd: the arguments must be the ones it was assigned with (ENOENT otherwise)."""
+        ioctl(self.fd, "KVM_IOEVENTFD",
+              self._ioeventfd_request(efd, addr, length, datamatch, pio, uapi.KVM_IOEVENTFD_FLAG_DEASSIGN),
+              detail="deassign " + self._ioeventfd_detail(efd, addr, length, datamatch, pio))
+
+    @staticmethod
+    def _ioeventfd_request(efd: EventFd, addr: int, length: int, datamatch, pio: bool, flags: int):
+        if datamatch is not None:
+            flags |= uapi.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= uapi.KVM_IOEVENTFD_FLAG_PIO
+        return ffi.new("struct kvm_ioeventfd *", {"datamatch": datamatch or 0, "addr": addr, "len": length,
+                                                  "fd": efd.fileno(), "flags": flags})
+
+    @staticmethod
+    def _ioeventfd_detail(efd: EventFd, addr: int, length: int, datamatch, pio: bool) -> str:
+        match = "" if datamatch is None else f" datamatch={datamatch:#x}"
+        return f"fd={efd.fileno()} {'pio' if pio else 'mmio'}={addr:#x} len={length}{match}"
+
     def irq_line(self, irq: int, level: int) -> int:
         """KVM_IRQ_LINE. On arm64 `irq` packs type, vCPU and number (api.rst, 4.25); see arm_irq()."""
         self._irq_level.irq = irq

@@ -36,6 +36,7 @@ IOCTLS: dict[str, tuple[int, int, str | None, str]] = {
     "KVM_IRQ_LINE": (_IOC_WRITE, 0x61, "struct kvm_irq_level", "generic"),
     "KVM_SET_GSI_ROUTING": (_IOC_WRITE, 0x6A, "struct kvm_irq_routing", "generic"),
     "KVM_IRQFD": (_IOC_WRITE, 0x76, "struct kvm_irqfd", "generic"),
+    "KVM_IOEVENTFD": (_IOC_WRITE, 0x79, "struct kvm_ioeventfd", "generic"),
     "KVM_SIGNAL_MSI": (_IOC_WRITE, 0xA5, "struct kvm_msi", "generic"),
     "KVM_CREATE_DEVICE": (_IOC_READ | _IOC_WRITE, 0xE0, "struct kvm_create_device", "generic"),
     "KVM_ARM_PREFERRED_TARGET": (_IOC_READ, 0xAF, "struct kvm_vcpu_init", "arm64"),
