@@ -89,15 +89,16 @@ class Bar:
 class ConfigSpace:
     """4 KiB of configuration space with per-byte write masks.
 
-    `on_change(offset, size)` is called after every write that changed a byte of PCI_COMMAND or
-    of a BAR, so the host bridge can map or unmap the BARs (memory space enable, relocation)."""
+    `watch(offset, size, fn)`: fn() is called after every write that changed a byte of that
+    range, e.g. the host bridge on PCI_COMMAND and the BARs (to map, move or unmap BARs), MSI-X
+    on its Message Control."""
 
     def __init__(self, vendor: int, device: int, class_code: int, *, revision: int = 0,
                  subsystem_vendor: int = 0, subsystem: int = 0, bars: tuple[Bar, ...] = ()):
         self.data = bytearray(CONFIG_SPACE_SIZE)
         self.wmask = bytearray(CONFIG_SPACE_SIZE)
         self.bars = {b.index: b for b in bars}
-        self.on_change: Callable[[int, int], None] | None = None
+        self._watches: list[tuple[int, int, Callable[[], None]]] = []
         self._cap_end = PCI_STD_HEADER_SIZEOF
         self._last_cap = None
         self._set(PCI_VENDOR_ID, 2, vendor)
@@ -123,6 +124,9 @@ class ConfigSpace:
     def _set(self, offset: int, size: int, value: int, wmask: int = 0) -> None:
         self.data[offset:offset + size] = value.to_bytes(size, "little")
         self.wmask[offset:offset + size] = wmask.to_bytes(size, "little")
+
+    def watch(self, offset: int, size: int, fn: Callable[[], None]) -> None:
+        self._watches.append((offset, offset + size, fn))
 
     # -- capabilities ---------------------------------------------------------------------------
     def add_capability(self, cap_id: int, body: bytes, wmask: bytes | None = None) -> int:
@@ -188,7 +192,7 @@ class ConfigSpace:
         if offset < 0 or size <= 0:
             return
         end = min(offset + size, CONFIG_SPACE_SIZE)
-        changed = False
+        first = last = -1
         data, wmask = self.data, self.wmask
         for i in range(offset, end):
             mask = wmask[i]
@@ -198,12 +202,10 @@ class ConfigSpace:
             new = (data[i] & ~mask) | (byte & mask)
             if new != data[i]:
                 data[i] = new
-                changed = True
-        if changed and self.on_change is not None and _touches_decoding(offset, end):
-            self.on_change(offset, end - offset)
-
-
-def _touches_decoding(start: int, end: int) -> bool:
-    """Does [start, end) overlap PCI_COMMAND or the BAR registers (what decides BAR mapping)?"""
-    return (start < PCI_COMMAND + 2 and PCI_COMMAND < end) or \
-        (start < PCI_BASE_ADDRESS_0 + 4 * PCI_NUM_BARS and PCI_BASE_ADDRESS_0 < end)
+                if first < 0:
+                    first = i
+                last = i
+        if first >= 0:
+            for start, stop, fn in self._watches:
+                if first < stop and start <= last:
+                    fn()

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from kvmits.machine.pci.config import CONFIG_SPACE_SIZE, PCI_COMMAND_MEMORY, ConfigSpace
+from kvmits.machine.pci.config import (CONFIG_SPACE_SIZE, PCI_BASE_ADDRESS_0, PCI_COMMAND, PCI_COMMAND_MEMORY,
+                                       PCI_NUM_BARS, ConfigSpace)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class PciHost:
         if devfn in self.functions:
             raise ValueError(f"slot {device}.{fn} is taken")
         self.functions[devfn] = function
-        function.config.on_change = lambda offset, size, devfn=devfn: self._update_bars(devfn)
+        update = lambda devfn=devfn: self._update_bars(devfn)      # noqa: E731
+        function.config.watch(PCI_COMMAND, 2, update)
+        function.config.watch(PCI_BASE_ADDRESS_0, 4 * PCI_NUM_BARS, update)
         return devfn
 
     # -- the ECAM window (MmioDevice) ---------------------------------------------------------------
