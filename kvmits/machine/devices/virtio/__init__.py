@@ -2,8 +2,9 @@
 
 - virtqueue: the device side of a split virtqueue (2.7), pure logic over guest memory,
   bounded against a hostile driver.
+- pci: the virtio-pci modern transport (4.1), device side: a PCI function a device plugs into.
 
-The virtio-pci transport (4.1) and the devices (5.x) build on it (issue 12, item 3).
+The devices (5.x) build on them (issue 12, item 3).
 """
 
 from kvmits.machine.devices.virtio.virtqueue import (
@@ -15,6 +16,7 @@ from kvmits.machine.devices.virtio.virtqueue import (
     VirtqueueError,
     VirtqueueStats,
 )
+from kvmits.machine.devices.virtio.pci import NotifyAddress, VirtioDevice, VirtioPciFunction
 
-__all__ = ["Chain", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_RING_F_INDIRECT_DESC", "Virtqueue",
-           "VirtqueueConfigError", "VirtqueueError", "VirtqueueStats"]
+__all__ = ["Chain", "NotifyAddress", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_RING_F_INDIRECT_DESC", "VirtioDevice",
+           "VirtioPciFunction", "Virtqueue", "VirtqueueConfigError", "VirtqueueError", "VirtqueueStats"]
