@@ -5,7 +5,8 @@ KVMITS_DIFF_COUNT programs (default 200), seeds from KVMITS_DIFF_SEED (default 1
 are read the same way: the tables saved into guest memory (the kernel's by
 KVM_DEV_ARM_ITS_SAVE_TABLES, the model's by save_tables()) and decoded (ABI rev 0); orphaned
 ITEs, which those tables cannot show, are compared by a probe (kvmits.lab.differential).
-A failing seed reproduces with KVMITS_DIFF_SEED=<seed> KVMITS_DIFF_COUNT=1.
+A failing seed reproduces with KVMITS_DIFF_SEED=<seed> KVMITS_DIFF_COUNT=1. A long run prints
+its progress every PROGRESS_EVERY programs (run pytest with -s to see it as it comes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ pytestmark = pytest.mark.arm64
 COUNT = int(os.environ.get("KVMITS_DIFF_COUNT", "200"))
 FIRST_SEED = int(os.environ.get("KVMITS_DIFF_SEED", "1"))
 CPUS = 4
+#: a progress line every this many programs
+PROGRESS_EVERY = 100
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,11 @@ def test_the_two_itses_end_in_the_same_state(labs):
         pending_diffs = compare_pending(a.pending, b.pending)
         if pending_diffs:
             PENDING_DIFFERENCES[seed] = pending_diffs
+        done = seed - FIRST_SEED + 1
+        if done % PROGRESS_EVERY == 0 and done < COUNT:
+            # a long run (KVMITS_DIFF_COUNT=1000) that a time limit stops still says how far it got
+            print(f"\ndifferential: {done} of {COUNT} programs, {len(failures)} with mapping differences, "
+                  f"{len(PENDING_DIFFERENCES)} with pending differences, {time.monotonic() - start:.0f} s", flush=True)
     print(f"differential: {COUNT} programs from seed {FIRST_SEED}, {commands} commands, {orphans} orphaned "
           f"ITEs probed, {pending} LPIs pending at the end (kernel), {len(failures)} with mapping differences, "
           f"{len(PENDING_DIFFERENCES)} with pending differences, {time.monotonic() - start:.0f} s")
