@@ -11,20 +11,10 @@ from hypothesis import strategies as st
 from kvmits.machine.pci import Bar, ConfigSpace
 from kvmits.machine.pci import msix as M
 from kvmits.machine.pci.config import PCI_CAP_ID_MSIX
+from tests.machine.pci_fakes import RecordingMsixSink as Sink
 
 TABLE, PBA = 0x0, 0x800
 DOORBELL = 0x0809_0040
-
-
-class Sink:
-    def __init__(self):
-        self.calls = []
-
-    def route(self, vector, address, data):
-        self.calls.append(("route", vector, address, data))
-
-    def fire(self, vector):
-        self.calls.append(("fire", vector))
 
 
 def make(vectors=4):

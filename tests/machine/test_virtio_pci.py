@@ -21,6 +21,7 @@ from kvmits.machine.devices.virtio.virtqueue import (VIRTIO_RING_F_EVENT_IDX, VI
 from kvmits.machine.pci import PciHost
 from kvmits.machine.pci import config as P
 from kvmits.machine.pci import msix as M
+from tests.machine.pci_fakes import RecordingMsixSink as Sink
 
 BASE = 0x4000_0000
 RAM_SIZE = 1 << 20
@@ -55,17 +56,6 @@ class FakeRam:
 
     def peek(self, gpa, fmt):
         return struct.unpack_from("<" + fmt, self.buf, gpa - self.base)
-
-
-class Sink:
-    def __init__(self):
-        self.calls = []
-
-    def route(self, vector, address, data):
-        self.calls.append(("route", vector, address, data))
-
-    def fire(self, vector):
-        self.calls.append(("fire", vector))
 
 
 class FakeDevice:
