@@ -48,6 +48,18 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _disk(text: str):
+    from kvmits.machine.machine import Disk
+
+    try:
+        disk = Disk.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not os.path.isfile(disk.path):
+        raise argparse.ArgumentTypeError(f"disk {disk.path!r} is not a file")
+    return disk
+
+
 def register(subparsers) -> None:
     from kvmits.machine import ITS_KINDS
 
@@ -69,6 +81,10 @@ def register(subparsers) -> None:
     p.add_argument("--kind", choices=("auto", "raw", "linux"), default="auto",
                    help="image kind; auto: a Linux Image if its header says so (gzip allowed), else raw")
     p.add_argument("--agent", action="store_true", help="map the guest agent's mailbox at 0x0A000000")
+    p.add_argument("--disk", action="append", default=[], metavar="FILE[,ro]", type=_disk,
+                   help="a virtio-blk disk on the PCIe bus backed by FILE (read-only with ,ro), one queue per "
+                        "vCPU; repeat for more disks (needs an ITS)")
+    p.add_argument("--rng", action="store_true", help="a virtio-rng device on the PCIe bus (needs an ITS)")
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH while the VM runs: `kvmits its dump|translate "
                         "--connect PATH` reads its ITS")
@@ -119,7 +135,7 @@ def _run(args) -> int:
 
     try:
         config = MachineConfig(cpus=args.cpus, mem_size=args.mem, its=None if args.its == "none" else args.its,
-                               agent=args.agent)
+                               agent=args.agent, disks=tuple(args.disk), rng=args.rng)
     except ValueError as exc:
         print(f"kvmits run: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -133,6 +149,9 @@ def _run(args) -> int:
                     "try `tools/testbed run -- python3 -m kvmits run IMAGE`")
         print(f"kvmits run: cannot create the VM: {exc} ({hint})", file=sys.stderr)
         return EXIT_VMM_ERROR
+    except OSError as exc:                     # a disk that cannot be opened
+        print(f"kvmits run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     with machine:
         try:
             machine.load(args.image, kind=args.kind, cmdline=args.append, initrd=args.initrd)

@@ -8,7 +8,16 @@ The tree has what a Linux guest needs on this machine and nothing more (bindings
 Documentation/devicetree/bindings/): memory, cpus with reg = MPIDR_EL1 affinity and PSCI as the
 enable method, psci (0.2, hvc), the GICv3 (with an ITS child when the machine has an ITS: the
 guest's ITS, kernel or userspace, at the same address; never the hidden ITS behind the userspace
-one), the architected timer, the PL011 with the APB clock its driver asks for, and /chosen.
+one), the architected timer, the PL011 with the APB clock its driver asks for, /chosen, and, when the
+machine has PCI devices, the PCIe host bridge.
+
+The PCIe node follows Documentation/devicetree/bindings/pci/host-generic-pci.yaml and
+pci-msi.txt (as QEMU's virt board and kvmtool write it): `pci-host-ecam-generic` with the ECAM
+window of bus 0 as `reg`, `bus-range = <0 0>`, one 32-bit non-prefetchable memory range, and
+`msi-map = <0 &its 0 0x100>`: requester ID (bus << 8 | devfn) = ITS DeviceID, one to one, for
+the 256 functions of bus 0. No `interrupt-map`: the bridge has no INTx, only MSI(-X).
+`dma-coherent`, because the VMM's devices read and write guest RAM through cacheable mappings
+(without it Linux would give them non-cacheable buffers and the two views would disagree).
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ UART_CLOCK_HZ = 24_000_000
 PHANDLE_GIC = 1
 PHANDLE_ITS = 2
 PHANDLE_APB_CLK = 3
+
+# PCI bus binding (IEEE 1275 PCI bus binding, 2.2.1.1): phys.hi of a child address,
+# "npt000ss bbbbbbbb dddddfff rrrrrrrr" with ss = 10 for 32-bit memory space
+OF_PCI_SPACE_MEM32 = 0x0200_0000
+#: requester IDs of bus 0 that msi-map translates
+PCI_BUS0_RIDS = 0x100
 
 #: the largest device tree booting.rst allows
 MAX_DTB_SIZE = 2 << 20
@@ -83,11 +98,18 @@ def uart_node_name(memmap: MemoryMap) -> str:
     return f"pl011@{memmap.uart.base:x}"
 
 
+def pcie_node_name(memmap: MemoryMap) -> str:
+    return f"pcie@{memmap.pcie_ecam.base:x}"
+
+
 def build_fdt(memmap: MemoryMap, mpidrs: Sequence[int], *, its: bool, bootargs: str = "",
-              initrd: Initrd | None = None) -> fdt.FDT:
-    """The tree as an fdt.FDT. `mpidrs[i]` is vCPU i's MPIDR_EL1 (read from KVM)."""
+              initrd: Initrd | None = None, pci: bool = False) -> fdt.FDT:
+    """The tree as an fdt.FDT. `mpidrs[i]` is vCPU i's MPIDR_EL1 (read from KVM). `pci`: the
+    PCIe host bridge, which needs the ITS (its MSIs are its only interrupts)."""
     if len(mpidrs) != memmap.cpus:
         raise ValueError(f"{len(mpidrs)} MPIDRs for {memmap.cpus} vCPUs")
+    if pci and not its:
+        raise ValueError("a PCIe host bridge needs an ITS: its devices interrupt by MSI only")
     tree = fdt.FDT()
     tree.entries = []                          # fdt.FDT's default is a shared mutable list
     root = tree.root
@@ -141,13 +163,23 @@ def build_fdt(memmap: MemoryMap, mpidrs: Sequence[int], *, its: bool, bootargs: 
                       ("reg", _reg((memmap.uart.base, memmap.uart.size))),
                       ("interrupts", [GIC_SPI, UART_SPI, IRQ_TYPE_LEVEL_HIGH]),
                       ("clocks", [PHANDLE_APB_CLK, PHANDLE_APB_CLK]), ("clock-names", ["uartclk", "apb_pclk"])))
+    if pci:
+        ecam, mmio = memmap.pcie_ecam, memmap.pcie_mmio
+        root.append(_node(pcie_node_name(memmap), ("compatible", "pci-host-ecam-generic"), ("device_type", "pci"),
+                          ("#address-cells", 3), ("#size-cells", 2), ("linux,pci-domain", 0),
+                          ("bus-range", [0, 0]), ("dma-coherent", None),
+                          ("reg", _reg((ecam.base, ecam.size))),
+                          # <child address (3 cells)> <parent address (2)> <size (2)>, identity-mapped
+                          ("ranges", [OF_PCI_SPACE_MEM32, *_cells64(mmio.base), *_cells64(mmio.base),
+                                      *_cells64(mmio.size)]),
+                          ("msi-map", [0, PHANDLE_ITS, 0, PCI_BUS0_RIDS])))
     return tree
 
 
 def build_dtb(memmap: MemoryMap, mpidrs: Sequence[int], *, its: bool, bootargs: str = "",
-              initrd: Initrd | None = None) -> bytes:
+              initrd: Initrd | None = None, pci: bool = False) -> bytes:
     """The flattened device tree blob (version 17) for this machine."""
-    blob = build_fdt(memmap, mpidrs, its=its, bootargs=bootargs, initrd=initrd).to_dtb(version=17)
+    blob = build_fdt(memmap, mpidrs, its=its, bootargs=bootargs, initrd=initrd, pci=pci).to_dtb(version=17)
     if len(blob) > MAX_DTB_SIZE:
         raise ValueError(f"device tree of {len(blob)} bytes exceeds booting.rst's 2 MiB")
     return blob

@@ -1,6 +1,7 @@
 """An arm64 VM you can boot: KVM, the in-kernel GICv3 (and ITS), RAM, a PL011, vCPU threads.
 
-    m = Machine(MachineConfig(cpus=4, mem_size=256 << 20, its="kernel"), console=sys.stdout.buffer)
+    m = Machine(MachineConfig(cpus=4, mem_size=256 << 20, its="kernel",
+                              disks=[Disk("disk.img")], rng=True), console=sys.stdout.buffer)
     m.load("guest.bin")                 # or a Linux Image, with cmdline= and initrd=
     m.start()
     print(m.its.snapshot().to_json())   # either ITS: kvmits.machine.its.MachineIts
@@ -13,7 +14,13 @@ Bring-up order (the one the kernel accepts, confirmed on the testbed): VM, RAM, 
 with PSCI 0.2, the others also powered off, to be started by PSCI CPU_ON, which KVM handles),
 the vGICv3 and its addresses, the in-kernel ITS (create, address, init: the guest's, or the hidden
 one behind the userspace ITS), vGIC init; then the rest of the userspace ITS (memory slots,
-model, routes), the image and the device tree, and the threads.
+model, routes), the PCIe host and its virtio devices (kvmits.machine.pci, .devices.virtio),
+the image and the device tree, and the threads.
+
+PCI devices (MachineConfig.disks, .rng) sit on bus 0 of the ECAM host bridge, slot 1 onwards in
+the order disks, rng; a function's ITS DeviceID is its requester ID, slot << 3. Their MSI-X
+vectors are irqfds on the machine's MSI routes (kvmits.machine.pci.msi), their queue
+notifications ioeventfds served by one thread per device (kvmits.machine.devices.virtio.ioevents).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from kvmits import uapi
 from kvmits.errors import KvmError
@@ -36,6 +43,10 @@ from kvmits.machine.devicetree import Initrd, build_dtb
 from kvmits.machine.loader import BootLayout, place_image, plan_layout
 from kvmits.machine.memmap import UART_SPI, MemoryMap
 from kvmits.machine.devices.pl011 import Pl011
+from kvmits.machine.devices.virtio.ioevents import QueueNotifier
+from kvmits.machine.devices.virtio.pci import VirtioPciFunction
+from kvmits.machine.pci.host import PciHost
+from kvmits.machine.pci.msi import MsiRouter
 from kvmits.machine.its import ITS_IMPLEMENTATIONS, ITS_KINDS, MachineIts, require_its
 from kvmits.machine.runner import MachineExit, VcpuRunner
 
@@ -43,6 +54,25 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEM_SIZE = 128 << 20
 DEFAULT_NR_IRQS = 128
+#: the PCI slot of the first device (slot 0 is left empty, as for a host bridge function)
+FIRST_PCI_SLOT = 1
+
+
+class Disk(NamedTuple):
+    """A virtio-blk disk backed by the host file `path` (never created or grown), read-only
+    with `readonly`. `queues`: 0 for one queue per vCPU."""
+
+    path: str
+    readonly: bool = False
+    queues: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Disk:
+        """`FILE[,ro]` as `kvmits run --disk` takes it."""
+        path, sep, opts = text.rpartition(",") if text.endswith(",ro") else (text, "", "")
+        if not path:
+            raise ValueError(f"no file in disk {text!r}")
+        return cls(path, readonly=bool(sep))
 
 
 @dataclass(frozen=True)
@@ -62,10 +92,18 @@ class MachineConfig:
     translater_devid: int = 0
     nr_irqs: int = DEFAULT_NR_IRQS
     agent: bool = False
+    #: virtio-blk disks (Disk, or "FILE[,ro]") and a virtio-rng, on the PCIe host bridge
+    disks: tuple = ()
+    rng: bool = False
 
     def __post_init__(self):
         if self.its is not None and self.its not in ITS_KINDS:
             raise ValueError(f"its must be None or one of {ITS_KINDS}, not {self.its!r}")
+        disks = tuple(d if isinstance(d, Disk) else Disk.parse(d) if isinstance(d, str) else Disk(*d)
+                      for d in self.disks)
+        object.__setattr__(self, "disks", disks)
+        if (disks or self.rng) and self.its is None:
+            raise ValueError("PCI devices need an ITS: their MSI-X vectors are their only interrupts")
         MemoryMap(self.cpus, self.mem_size)          # validates cpus and mem_size
         if self.nr_irqs % 32 or not 64 <= self.nr_irqs <= 1024:
             raise ValueError(f"nr_irqs must be a multiple of 32 in 64..1024, not {self.nr_irqs}")
@@ -87,6 +125,11 @@ class Machine:
         self.agent = None
         self.boot: BootLayout | None = None
         self.dtb: bytes | None = None
+        #: the PCIe host bridge (None without PCI devices), the MSI routing table of the ITS
+        self.pci: PciHost | None = None
+        self.msi: MsiRouter | None = None
+        #: name -> PciSlot of each PCI device
+        self.pci_devices: dict[str, PciSlot] = {}
         self._closed = False
         try:
             self._build(console)
@@ -142,10 +185,50 @@ class Machine:
             self.bus.add(mm.agent.base, mm.agent.size, mailbox, "agent")
             #: the host API of the guest agent (kvmits.machine.agent.Agent); None without agent=True
             self.agent = Agent(mailbox)
+        if self.its is not None:
+            self.msi = MsiRouter(self.its)
+        self._add_pci_devices()
         self.runner = VcpuRunner(self.vcpus, self.bus)
         if self.agent is not None:
             # host calls waiting for the guest fail at once when the VM ends, instead of timing out
             self.runner.add_end_listener(lambda result, error: self.agent.stop(error or result.reason))
+
+    def _add_pci_devices(self) -> None:
+        devices = []
+        if self.config.disks:
+            from kvmits.machine.devices.virtio.blk import VirtioBlk
+            for i, disk in enumerate(self.config.disks):
+                queues = disk.queues or self.memmap.cpus
+                devices.append((f"virtio-blk{i}", lambda d=disk, q=queues: VirtioBlk(d.path, readonly=d.readonly,
+                                                                                    num_queues=q)))
+        if self.config.rng:
+            from kvmits.machine.devices.virtio.rng import VirtioRng
+            devices.append(("virtio-rng", VirtioRng))
+        for slot, (name, make) in enumerate(devices, start=FIRST_PCI_SLOT):
+            self.add_virtio(slot, name, make())
+
+    def add_virtio(self, slot: int, name: str, device) -> PciSlot:
+        """Put virtio device `device` (kvmits.machine.devices.virtio.VirtioDevice) on the PCIe
+        bus at `slot` (before start()): its virtio-pci function, its MSI-X vectors on the
+        machine's MSI routes, its queue notifications on ioeventfds served by its own thread.
+        The device is closed with the machine (if it has close())."""
+        if self.msi is None:
+            raise ValueError("PCI devices need an ITS: their MSI-X vectors are their only interrupts")
+        if name in self.pci_devices:
+            raise ValueError(f"a PCI device is already named {name!r}")
+        mm = self.memmap
+        if self.pci is None:
+            self.pci = PciHost(self.bus, mm.pcie_mmio.base, mm.pcie_mmio.size)
+            self.bus.add(mm.pcie_ecam.base, mm.pcie_ecam.size, self.pci, "pcie-ecam")
+        devid = slot << 3
+        function = VirtioPciFunction(device, self.ram, self.msi.sink(devid, name), name=name)
+        device.function = function
+        notifier = QueueNotifier(self.vm, function, name)
+        entry = PciSlot(name, devid, device, function, notifier)
+        self.pci_devices[name] = entry            # closed with the machine from here on
+        self.pci.add(slot, function, on_bar=notifier.bar_moved)
+        notifier.start()
+        return entry
 
     def _agent_panic(self, panic) -> None:
         self.runner.fail(panic)
@@ -175,7 +258,8 @@ class Machine:
         if initrd_data is not None:
             self.ram.write(layout.initrd_addr, initrd_data)
             initrd_range = Initrd(layout.initrd_addr, layout.initrd_addr + len(initrd_data))
-        self.dtb = build_dtb(self.memmap, self.mpidrs, its=self.config.its is not None, bootargs=cmdline, initrd=initrd_range)
+        self.dtb = build_dtb(self.memmap, self.mpidrs, its=self.config.its is not None, bootargs=cmdline,
+                             initrd=initrd_range, pci=self.pci is not None)
         self.ram.write(layout.dtb_addr, self.dtb)
         boot = self.vcpus[0]
         boot.set_one_reg(uapi.arm64_core_reg("pc"), placed.entry)
@@ -246,8 +330,10 @@ class Machine:
 
     def set_msi_routes(self, table) -> dict:
         """(DeviceID, EventID) -> GSI routes for irqfds; returns (DeviceID, EventID) -> EventFd
-        (MachineIts.set_msi_routes)."""
-        return require_its(self).set_msi_routes(table)
+        (MachineIts.set_msi_routes). They share the VM's routing table with the PCI devices'
+        MSI-X vectors (kvmits.machine.pci.msi.MsiRouter): a GSI a vector holds is refused."""
+        require_its(self)
+        return self.msi.set_user(table)
 
     # -- EXPERIMENTAL: an LPI by number ------------------------------------------------------------
     def inject_lpi(self, intid: int) -> None:
@@ -291,12 +377,18 @@ class Machine:
                 runner.wait()
             except Exception as exc:    # noqa: BLE001 - closing: the failure was (or will not be) reported
                 log.debug("closing after a failed VM: %r", exc)
+        for entry in self.pci_devices.values():
+            entry.notifier.close()               # its thread and ioeventfds, while the VM exists
         if self.its is not None:
             self.its.detach()
         if self.vm is not None:
             self.vm.close()
         if self.its is not None:
             self.its.close()
+        for entry in self.pci_devices.values():
+            close = getattr(entry.device, "close", None)
+            if close is not None:
+                close()
         if self.ram is not None:
             self.ram.close()
         if self._own_kvm:
@@ -307,6 +399,17 @@ class Machine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PciSlot(NamedTuple):
+    """One PCI device of a machine: its name, ITS DeviceID (requester ID), the device model,
+    its virtio-pci function and its notification thread."""
+
+    name: str
+    devid: int
+    device: object
+    function: VirtioPciFunction
+    notifier: QueueNotifier
 
 
 def _read(source: bytes | str | os.PathLike) -> bytes:

@@ -9,11 +9,17 @@
                                           delivers through, covered by a read-write slot
     0x0C00_0000  hidden ITS's     1 MiB   its="user" only: its tables and command queue, a
                  private memory           read-only slot for the guest
+    0x1000_0000  PCIe MMIO  ~751 MiB      the 32-bit window Linux assigns BARs in (QEMU virt's
+                                          VIRT_PCIE_MMIO), when the machine has PCI devices
+    0x3F00_0000  PCIe ECAM        1 MiB   configuration space of bus 0 (QEMU virt's
+                                          VIRT_PCIE_ECAM; one bus instead of QEMU's 16)
     0x4000_0000  RAM      user's choice
 
 Guest programs and Linux find the same devices where QEMU's `virt` puts them, so what works
 under one usually works under the other. The hidden ITS and its memory sit in the hole between
-the mailbox and RAM, and the device tree describes neither (kvmits.machine.its.hidden).
+the mailbox and RAM, and the device tree describes neither (kvmits.machine.its.hidden). The
+PCIe windows are QEMU's, so nothing of kvmits' own moved for them; QEMU's PIO window
+(0x3EFF_0000) is left out: virtio-pci modern devices have no I/O BARs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from kvmits.gic.regs import GICR_STRIDE
 from kvmits.gic.vgic import GICD_SIZE
 from kvmits.its.registers import ITS_FRAME_SIZE
 from kvmits.machine.agent.protocol import MAILBOX_BASE, MAILBOX_SIZE
+from kvmits.machine.pci.host import ECAM_BUS_SIZE
 
 GICD_BASE = 0x0800_0000
 ITS_BASE = 0x0808_0000
@@ -34,6 +41,10 @@ UART_SIZE = 0x1000
 HIDDEN_ITS_BASE = 0x0B00_0000
 HIDDEN_ITS_PRIVATE_BASE = 0x0C00_0000
 HIDDEN_ITS_PRIVATE_SIZE = 0x10_0000
+#: PCIe: the 32-bit memory window for BARs and the ECAM configuration space of bus 0
+PCIE_MMIO_BASE = 0x1000_0000
+PCIE_MMIO_SIZE = 0x2EFF_0000
+PCIE_ECAM_BASE = 0x3F00_0000
 RAM_BASE = 0x4000_0000
 
 #: the redistributors must end before the UART: (0x0900_0000 - 0x080A_0000) / 128 KiB = 123 vCPUs
@@ -83,6 +94,8 @@ class MemoryMap:
         self.agent = Region("agent", MAILBOX_BASE, MAILBOX_SIZE)
         self.hidden_its = Region("hidden-its", HIDDEN_ITS_BASE, ITS_FRAME_SIZE)
         self.hidden_its_private = Region("hidden-its-private", HIDDEN_ITS_PRIVATE_BASE, HIDDEN_ITS_PRIVATE_SIZE)
+        self.pcie_mmio = Region("pcie-mmio", PCIE_MMIO_BASE, PCIE_MMIO_SIZE)
+        self.pcie_ecam = Region("pcie-ecam", PCIE_ECAM_BASE, ECAM_BUS_SIZE)
         self.ram = Region("ram", RAM_BASE, ram_size)
 
     def gicr_base(self, cpu: int) -> int:
@@ -93,7 +106,7 @@ class MemoryMap:
 
     def regions(self) -> tuple[Region, ...]:
         return (self.gicd, self.its, self.gicr, self.uart, self.agent, self.hidden_its, self.hidden_its_private,
-                self.ram)
+                self.pcie_mmio, self.pcie_ecam, self.ram)
 
     def __repr__(self) -> str:
         return "MemoryMap(" + ", ".join(f"{r.name}={r.base:#x}+{r.size:#x}" for r in self.regions()) + ")"

@@ -45,3 +45,28 @@ def test_non_arm64_host_says_where_to_run(capsys, tmp_path):
     assert main(["run", str(image)]) == 1
     err = capsys.readouterr().err
     assert "cannot create the VM" in err and "tools/testbed run" in err
+
+
+def test_disks_and_rng(tmp_path):
+    a, b = tmp_path / "a.img", tmp_path / "b,c.img"
+    a.write_bytes(bytes(4096))
+    b.write_bytes(bytes(4096))
+    args = build_parser().parse_args(["run", "g", "--disk", str(a), "--disk", f"{b},ro", "--rng"])
+    assert [(d.path, d.readonly) for d in args.disk] == [(str(a), False), (str(b), True)]
+    assert args.rng
+    defaults = build_parser().parse_args(["run", "g"])
+    assert (defaults.disk, defaults.rng) == ([], False)
+
+
+def test_a_disk_that_is_no_file_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["run", "g", "--disk", str(tmp_path / "missing.img")])
+    assert info.value.code == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_pci_devices_without_an_its_are_a_usage_error(capsys, tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(512))
+    assert main(["run", "g", "--its", "none", "--disk", str(disk)]) == 2
+    assert "need an ITS" in capsys.readouterr().err

@@ -20,3 +20,15 @@ def test_bad_configs(kw):
 
 def test_no_its_is_none():
     assert MachineConfig(its=None).its is None
+
+
+def test_disks_parse_and_need_an_its():
+    from kvmits.machine.machine import Disk
+
+    c = MachineConfig(disks=["a.img", "b.img,ro", Disk("c.img", queues=2)], rng=True)
+    assert c.disks == (Disk("a.img"), Disk("b.img", readonly=True), Disk("c.img", queues=2))
+    assert Disk.parse("x,y.img") == Disk("x,y.img")
+    with pytest.raises(ValueError, match="no file"):
+        Disk.parse(",ro")
+    with pytest.raises(ValueError, match="need an ITS"):
+        MachineConfig(its=None, rng=True)

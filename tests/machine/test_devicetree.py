@@ -131,3 +131,25 @@ def test_dtc_decompiles_without_warnings(tmp_path):
     out = subprocess.run([dtc, "-I", "dtb", "-O", "dts", str(blob)], capture_output=True, text=True, check=True)
     assert out.stderr == "", out.stderr
     assert "arm,gic-v3-its" in out.stdout and "msi-controller;" in out.stdout
+
+
+def test_pcie_host_bridge_with_msi_map_to_the_its():
+    mm = MemoryMap(4, 512 << 20)
+    tree = parse(build_dtb(mm, MPIDRS4, its=True, pci=True))
+    node = "/pcie@3f000000"
+    assert strings(tree, node, "compatible") == ["pci-host-ecam-generic"]
+    assert strings(tree, node, "device_type") == ["pci"]
+    assert words(tree, node, "#address-cells") == [3] and words(tree, node, "#size-cells") == [2]
+    assert words(tree, node, "bus-range") == [0, 0]
+    assert tree.exist_property("dma-coherent", node)
+    assert words(tree, node, "reg") == [0, 0x3F000000, 0, 1 << 20]            # 1 MiB of ECAM: bus 0
+    # one 32-bit memory range, identity-mapped, QEMU virt's window
+    assert words(tree, node, "ranges") == [0x02000000, 0, 0x10000000, 0, 0x10000000, 0, 0x2EFF0000]
+    its_phandle = words(tree, "/intc@8000000/msi-controller@8080000", "phandle")[0]
+    assert words(tree, node, "msi-map") == [0, its_phandle, 0, 0x100]        # RID = DeviceID
+    assert not parse(build_dtb(mm, MPIDRS4, its=True)).exist_node(node)
+
+
+def test_pcie_needs_an_its():
+    with pytest.raises(ValueError, match="needs an ITS"):
+        build_dtb(MemoryMap(1, 64 << 20), MPIDRS4[:1], its=False, pci=True)

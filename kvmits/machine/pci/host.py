@@ -20,7 +20,7 @@ What a guest may do, and what happens:
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Callable, Protocol
 
 from kvmits.machine.pci.config import (CONFIG_SPACE_SIZE, PCI_BASE_ADDRESS_0, PCI_COMMAND, PCI_COMMAND_MEMORY,
                                        PCI_NUM_BARS, ConfigSpace)
@@ -67,20 +67,26 @@ class PciHost:
         self.mmio_base = mmio_base
         self.mmio_end = mmio_base + mmio_size
         self.functions: dict[int, PciFunction] = {}         # devfn -> function
+        self._on_bar: dict[int, Callable[[int, int | None], None]] = {}
         self._mapped: dict[tuple[int, int], tuple[int, _BarWindow]] = {}   # (devfn, bar) -> (address, window)
         self._refused_logged: set[tuple[int, int, int]] = set()
         #: BAR placements refused (outside the window, or overlapping): guest mistakes
         self.bar_refusals = 0
 
-    def add(self, device: int, function: PciFunction, fn: int = 0) -> int:
+    def add(self, device: int, function: PciFunction, fn: int = 0,
+            on_bar: Callable[[int, int | None], None] | None = None) -> int:
         """Put `function` at bus 0, device `device`, function `fn`; returns its devfn, which is
-        also its requester ID on bus 0 (the ITS DeviceID under `msi-map`)."""
+        also its requester ID on bus 0 (the ITS DeviceID under `msi-map`). `on_bar(bar,
+        address)` is told whenever one of its BARs starts decoding at `address` or stops
+        (None): what a VMM needs to move ioeventfds with a BAR."""
         if not 0 <= device < PCI_MAX_DEVICES or not 0 <= fn < 8:
             raise ValueError(f"no such slot: device {device}, function {fn}")
         devfn = device << 3 | fn
         if devfn in self.functions:
             raise ValueError(f"slot {device}.{fn} is taken")
         self.functions[devfn] = function
+        if on_bar is not None:
+            self._on_bar[devfn] = on_bar
         update = lambda devfn=devfn: self._update_bars(devfn)      # noqa: E731
         function.config.watch(PCI_COMMAND, 2, update)
         function.config.watch(PCI_BASE_ADDRESS_0, 4 * PCI_NUM_BARS, update)
@@ -120,9 +126,12 @@ class PciHost:
             current = self._mapped.get(key)
             if current is not None and current[0] == address:
                 continue
+            on_bar = self._on_bar.get(devfn)
             if current is not None:
                 self.bus.remove(current[1])
                 del self._mapped[key]
+                if on_bar is not None:
+                    on_bar(index, None)
             if address is None:
                 continue
             if not (self.mmio_base <= address and address + bar.size <= self.mmio_end):
@@ -135,6 +144,8 @@ class PciHost:
                 self._refuse(devfn, index, address, str(exc))
                 continue
             self._mapped[key] = (address, window)
+            if on_bar is not None:
+                on_bar(index, address)
 
     def _refuse(self, devfn: int, index: int, address: int, why: str) -> None:
         self.bar_refusals += 1

@@ -259,7 +259,8 @@ class _VirtioConfigSpace(ConfigSpace):
         return super().read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        super().write(offset, size, value)
+        with self.function._lock:        # MSI-X Enable / Function Mask against signal()
+            super().write(offset, size, value)
         if size > 0 and self._touches_data(offset, size):
             window = self._window()
             if window is not None:
@@ -475,7 +476,10 @@ class VirtioPciFunction:
         if size not in (1, 2, 4, 8) or offset < 0:
             return 0
         if bar == MSIX_BAR:
-            return self.msix.bar_read(offset, size) if offset + size <= self.config.bars[MSIX_BAR].size else 0
+            if offset + size > self.config.bars[MSIX_BAR].size:
+                return 0
+            with self._lock:
+                return self.msix.bar_read(offset, size)
         if bar != VIRTIO_BAR:
             return 0
         region, rel = divmod(offset, REGION_SIZE)
@@ -501,7 +505,8 @@ class VirtioPciFunction:
         value &= (1 << 8 * size) - 1
         if bar == MSIX_BAR:
             if offset + size <= self.config.bars[MSIX_BAR].size:
-                self.msix.bar_write(offset, size, value)
+                with self._lock:                         # against signal() from the device thread:
+                    self.msix.bar_write(offset, size, value)    # an unmask must not miss a latch
             return
         if bar != VIRTIO_BAR:
             return
