@@ -108,10 +108,6 @@ def test_run_script_needs_a_command():
         job.run_script([], {})
 
 
-def test_parents_are_listed_once_parents_first():
-    assert job.parents(["a/b/c.py", "a/d.py", "e.py", "a/b/f/g"]) == ["a", "a/b", "a/b/f"]
-
-
 def test_write_job_layout(fs):
     fs.create_file("/src/kvmits/__init__.py", contents="x = 1\n")
     fs.create_file("/src/tools/testbed", contents="#!/usr/bin/env python3\n", st_mode=stat.S_IFREG | 0o755)

@@ -124,16 +124,6 @@ def run_script(argv: list[str], env: dict[str, str], src: str = SRC_DIR) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parents(paths: list[str]) -> list[str]:
-    """Every directory above the given relative paths, each once, parents first."""
-    dirs = set()
-    for p in paths:
-        parts = p.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            dirs.add("/".join(parts[:i]))
-    return sorted(dirs, key=lambda d: (d.count("/"), d))
-
-
 def write_job(out: BinaryIO, root: Path, files: list[str], script: str) -> None:
     """Appends the job archive (one newc archive) to out."""
     w = newc.NewcWriter(out)
@@ -142,7 +132,7 @@ def write_job(out: BinaryIO, root: Path, files: list[str], script: str) -> None:
     w.add_dir(job)
     w.add_file(f"{job}/run", script.encode(), 0o755)
     w.add_dir(src)
-    for d in parents(files):
+    for d in newc.parent_dirs(files):
         w.add_dir(f"{src}/{d}", 0o755)
     for rel in files:
         w.add_path(f"{src}/{rel}", root / rel)

@@ -1,12 +1,16 @@
+"""kvmits.newc, the newc cpio writer of the testbed's initrds and of the nested Linux guest's."""
+
 import io
 import os
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 
-from testbed_lib import newc
+from kvmits import newc
 
-from .newc_reader import read_archives
+from .tools.newc_reader import read_archives
 
 
 def test_entries_round_trip_with_alignment_and_block_padding():
@@ -85,3 +89,17 @@ def test_add_path_refuses_special_files(tmp_path):
     w = newc.NewcWriter(io.BytesIO())
     with pytest.raises(ValueError, match="cannot pack"):
         w.add_path("fifo", fifo)
+
+
+def test_parent_dirs_are_listed_once_parents_first():
+    assert newc.parent_dirs(["a/b/c.py", "a/d.py", "e.py", "a/b/f/g"]) == ["a", "a/b", "a/b/f"]
+
+
+def test_the_testbed_uses_this_writer_and_no_copy_of_it():
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from testbed_lib import newc as testbed_newc
+
+    assert testbed_newc.NewcWriter is newc.NewcWriter
+    assert testbed_newc.parent_dirs is newc.parent_dirs
