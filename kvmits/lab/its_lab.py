@@ -32,12 +32,14 @@ class ItsLab:
     """One VM running the guest agent, with a guest-side GICv3 LPI + ITS driver."""
 
     def __init__(self, cpus: int = 4, its: str = "kernel", mem_size: int = DEFAULT_MEM,
-                 console: BinaryIO | None = None, timeout: float = 60.0, its_config=None):
+                 console: BinaryIO | None = None, timeout: float = 60.0, its_config=None,
+                 disks: tuple = (), rng: bool = False):
         self.cpus = cpus
         self.mode = its
-        # its_config: with its="user", the model's kvmits.its.ItsConfig (None: like the kernel's)
+        # its_config: with its="user", the model's kvmits.its.ItsConfig (None: like the kernel's);
+        # disks, rng: PCI devices (MachineConfig), for a guest driver (kvmits.lab.pci_driver)
         self.machine = Machine(MachineConfig(cpus=cpus, mem_size=mem_size, its=its, agent=True,
-                                             its_config=its_config), console=console)
+                                             its_config=its_config, disks=disks, rng=rng), console=console)
         try:
             self.machine.load(guest_program("agent"))
             self.machine.start()
