@@ -227,6 +227,22 @@ def test_one_stop_per_cwriter_write_and_mirrored_delivery():
         rig.close()
 
 
+def test_the_guest_s_commands_are_in_the_command_log_and_the_debug_log(caplog):
+    rig = Rig()
+    try:
+        rig.its.mapd(7, 2)
+        rig.its.mapti(7, 1, 8400, 1)
+        with caplog.at_level("DEBUG", logger="kvmits.machine.its.user"):
+            rig.its.movi(7, 1, 3)
+        movi = rig.frame.command_log[-1]
+        assert movi.name == "MOVI" and not movi.error
+        assert [r.name for r in rig.frame.command_log][-3:] == ["MAPD", "MAPTI", "MOVI"]
+        assert any("'command': 'MOVI'" in r.getMessage() and "'devid': 7" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    finally:
+        rig.close()
+
+
 def test_mapc_retarget_moves_lpis_without_dropping_pending_state():
     rig = Rig()
     try:

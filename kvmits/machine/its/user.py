@@ -20,6 +20,8 @@ What goes through Python and what does not:
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
 from contextlib import AbstractContextManager
 from typing import Callable, Mapping
@@ -27,6 +29,7 @@ from typing import Callable, Mapping
 from kvmits.gic import KernelIts
 from kvmits.gic.regs import GICR_PROPBASER
 from kvmits.its import abi
+from kvmits.its.commands import CommandRecord, decode_command
 from kvmits.its.model import ItsModel, Translation
 from kvmits.its.interfaces import Redistributors
 from kvmits.its.query import ItsSnapshot, model_snapshot
@@ -36,6 +39,10 @@ from kvmits.machine.its.hidden import HiddenIts
 from kvmits.machine.its.interface import MachineIts
 from kvmits.machine.its.routes import UserMsiRoutes
 
+log = logging.getLogger(__name__)
+
+#: how many of the guest's last commands UserMachineIts.command_log keeps
+COMMAND_LOG_SIZE = 4096
 #: GICR_PROPBASER.IDbits is capped at 16 by KVM for LPIs behind an ITS (INTERRUPT_ID_BITS_ITS)
 KVM_LPI_ID_BITS = 16
 #: guest writes that can run commands (IHI 0069 5.2: GITS_CWRITER publishes them; GITS_CTLR.Enabled
@@ -99,6 +106,10 @@ class UserMachineIts(MachineIts):
         self.lock = threading.RLock()
         #: vCPU stops: one per command batch
         self.stops = 0
+        #: the guest's last COMMAND_LOG_SIZE commands (kvmits.its.commands.CommandRecord), oldest
+        #: first; each is also logged at DEBUG level ("kvmits.machine.its.user")
+        self.command_log: collections.deque[CommandRecord] = collections.deque(maxlen=COMMAND_LOG_SIZE)
+        model.command_observers.append(self._log_command)
 
     @property
     def frame_device(self) -> UserMachineIts:
@@ -137,6 +148,12 @@ class UserMachineIts(MachineIts):
                   translater_devid=translater_devid, memory=(cover, private))
         its.routes = UserMsiRoutes(vm, hidden, its.signal_msi)
         return its
+
+    def _log_command(self, record: CommandRecord) -> None:
+        self.command_log.append(record)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("ITS command at %#x: %s%s", record.offset, decode_command(*record.dwords),
+                      f" -> {record.error_name}" if record.error else "")
 
     # -- the guest's frame (MmioDevice; vCPU threads) ------------------------------------------------
     def mmio_read(self, vcpu: int, offset: int, size: int) -> int:
