@@ -4,7 +4,8 @@
   bounded against a hostile driver.
 - pci: the virtio-pci modern transport (4.1), device side: a PCI function a device plugs into.
 
-The devices (5.x) build on them (issue 12, item 3).
+The devices (5.x), each a VirtioDevice on a VirtioPciFunction (issue 12, item 3):
+- rng: the entropy device (5.4), VirtioRng, from os.urandom or another source.
 """
 
 from kvmits.machine.devices.virtio.virtqueue import (
@@ -17,6 +18,8 @@ from kvmits.machine.devices.virtio.virtqueue import (
     VirtqueueStats,
 )
 from kvmits.machine.devices.virtio.pci import NotifyAddress, VirtioDevice, VirtioPciFunction
+from kvmits.machine.devices.virtio.rng import VirtioRng
 
-__all__ = ["Chain", "NotifyAddress", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_RING_F_INDIRECT_DESC", "VirtioDevice",
-           "VirtioPciFunction", "Virtqueue", "VirtqueueConfigError", "VirtqueueError", "VirtqueueStats"]
+__all__ = ["Chain", "NotifyAddress", "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_RING_F_INDIRECT_DESC",
+           "VirtioDevice", "VirtioPciFunction", "VirtioRng", "Virtqueue", "VirtqueueConfigError", "VirtqueueError",
+           "VirtqueueStats"]
