@@ -138,8 +138,14 @@ def test_vmlinuz_members_of_both_package_layouts():
         assert apt.vmlinuz_member(other) is None
 
 
-def test_binary_dependency():
+def test_kernel_parts():
+    # sid's linux-image-7.2.13+deb14-arm64 (2026-12-02)
     depends = ("dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, "
-               "linux-base-7.2.13+deb14-arm64 (= 7.2.13-1), linux-binary-7.2.13+deb14-arm64 (= 7.2.13-1)")
-    assert apt.binary_dependency(depends) == Deb("linux-binary-7.2.13+deb14-arm64", "7.2.13-1", "arm64")
-    assert apt.binary_dependency("kmod, initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool") is None
+               "linux-base-7.2.13+deb14-arm64 (= 7.2.13-1), linux-binary-7.2.13+deb14-arm64 (= 7.2.13-1), "
+               "linux-modules-7.2.13+deb14-arm64 (= 7.2.13-1)")
+    assert apt.kernel_parts(depends) == {
+        "base": Deb("linux-base-7.2.13+deb14-arm64", "7.2.13-1", "arm64"),
+        "binary": Deb("linux-binary-7.2.13+deb14-arm64", "7.2.13-1", "arm64"),
+        "modules": Deb("linux-modules-7.2.13+deb14-arm64", "7.2.13-1", "arm64")}
+    # Debian's linux-base (no ABI in its name) is another package
+    assert apt.kernel_parts("kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool") == {}

@@ -234,41 +234,53 @@ def vmlinuz_member(name: str) -> str | None:
     return f"vmlinuz-{m['boot'] or m['mod']}" if m else None
 
 
+def read_member(deb: Path, match) -> tuple[str, bytes] | None:
+    """(match's answer, the file's bytes) for the first regular file of the .deb's data for
+    whose member name match(name) returns something other than None; None if there is none.
+    Stops reading the archive there."""
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                label = match(member.name)
+                if member.isfile() and label is not None:
+                    return label, tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        proc.kill()
+        why = proc.stderr.read().decode(errors="replace").strip() or exc
+        raise TestbedError(f"dpkg-deb --fsys-tarfile {deb} failed: {why}") from exc
+    finally:
+        proc.stdout.close()
+        proc.kill()  # we may stop reading before the end of the archive
+        proc.wait()
+        proc.stderr.close()
+    return None
+
+
 def extract_kernel(deb: Path, dest: Path) -> str:
     """Writes the kernel Image from a linux-image .deb to dest; returns its file name.
 
     Only the Image is needed: Debian's arm64 kernel has KVM, the vGIC and its ITS built in
     (CONFIG_KVM=y), so the guest needs no modules."""
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    found = None
-    try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for member in tar:
-                name = vmlinuz_member(member.name)
-                if member.isfile() and name:
-                    src = tar.extractfile(member)
-                    tmp = dest.with_suffix(".tmp")
-                    tmp.write_bytes(src.read())
-                    tmp.replace(dest)
-                    found = name
-                    break
-    finally:
-        proc.stdout.close()
-        proc.kill()  # we may stop reading before the end of the archive
-        proc.wait()
+    found = read_member(deb, vmlinuz_member)
     if found is None:
         raise TestbedError(f"no ./boot/vmlinuz-* or ./usr/lib/modules/*/vmlinuz in {deb.name}")
-    return found
+    name, data = found
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
+    return name
 
 
-_BINARY_DEPENDS = re.compile(r"(linux-binary-\S+-arm64) \(= ([^)\s]+)\)")
+_PART_DEPENDS = re.compile(r"(linux-(binary|modules|base)-\S+-arm64) \(= ([^)\s]+)\)")
 
 
-def binary_dependency(depends: str) -> Deb | None:
-    """The linux-binary-<abi> package (= version) a linux-image package's Depends names, if
-    any: where the Image is when the image package itself is empty."""
-    m = _BINARY_DEPENDS.search(depends)
-    return Deb(m.group(1), m.group(2), "arm64") if m else None
+def kernel_parts(depends: str) -> dict[str, Deb]:
+    """The parts of a kernel split over several packages, as a linux-image-<abi> package's
+    Depends names them (Debian's 7.x): "binary" (linux-binary-<abi>, the Image), "modules"
+    (linux-modules-<abi>) and "base" (linux-base-<abi>: modules.builtin, the device trees)."""
+    return {m.group(2): Deb(m.group(1), m.group(3), "arm64") for m in _PART_DEPENDS.finditer(depends)}
 
 
 def deb_field(deb: Path, field: str) -> str:

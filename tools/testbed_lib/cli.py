@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import build, job, kernels, qemu
+from . import build, job, kernels, linux_guest, qemu
 from .console import ConsoleFilter, new_token
 from .errors import (EXIT_GUEST_KERNEL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTBED, EXIT_TIMEOUT,
                      TestbedError)
@@ -219,7 +219,16 @@ def cmd_build(args: argparse.Namespace, layout: Layout) -> int:
          f"packages, wheels {' '.join(stamp['wheels']) or 'none'}")
     if kernel.key != "default":
         info(f"kernel for --kernel {args.kernel}: {kernel.description}, in {kernel.vmlinuz.parent}")
+    info(_guest_line(kernel))
     return 0
+
+
+def _guest_line(kernel: kernels.Kernel) -> str:
+    guest = kernel.guest
+    if guest is None or guest.directory is None:
+        why = guest.note if guest is not None else "not made"
+        return f"no nested Linux guest for this kernel ({why}); the guest gets {linux_guest.MISSING_NOTE} saying so"
+    return f"nested Linux guest: {guest.note}, in {guest.directory}"
 
 
 def cmd_clean(args: argparse.Namespace, layout: Layout) -> int:
@@ -256,13 +265,18 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
             t = clock()
             _link_or_copy(kernel.vmlinuz, rundir / "vmlinuz")
             with open(rundir / "initrd", "wb") as f:
-                # base, then the kernel's modules (if any), then the job: the kernel unpacks
-                # the concatenated archives in order
+                # base, then the kernel's modules (if any), the nested Linux guest (or the
+                # note why there is none), then the job: the kernel unpacks the concatenated
+                # archives in order
                 for part in (layout.base_cpio, kernel.modules_cpio):
                     if part is not None:
                         with open(part, "rb") as src:
                             shutil.copyfileobj(src, f, 1 << 20)
+                if kernel.guest is not None:
+                    linux_guest.write_testbed_archive(f, kernel.guest)
                 job.write_job(f, SOURCE_ROOT, files, script)
+        if kernel.guest is not None and kernel.guest.directory is None:
+            info(_guest_line(kernel))
         info(f"job: {len(files)} files of {SOURCE_ROOT} ({since(t):.1f}s to pack)")
         cfg = boot_config(args)
         cmd = qemu.qemu_command(cfg, rundir / "vmlinuz", rundir / "initrd", token)

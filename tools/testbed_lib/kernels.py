@@ -16,10 +16,15 @@ extra suites have their own private apt (apt.PrivateApt with its own sources.lis
 only ever resolves and downloads the one kernel image package. A kernel other than the
 default is kept in kernels/<key>/ beside the image, so choosing one never rebuilds the
 base initramfs.
+
+Every kernel also gets its nested Linux guest (linux_guest.py): made from the kernel's own
+Image and modules when the kernel is first fetched (before a suite's .debs are deleted) or
+when the guest's recipe changes, and kept beside the kernel, in <its directory>/linux-guest/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -33,9 +38,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import newc
-from .apt import (KERNEL_METAPACKAGE, Deb, PrivateApt, binary_dependency, deb_field, extract_kernel,
-                  lists_fresh, vmlinuz_member)
+from . import linux_guest, newc
+from .apt import (KERNEL_METAPACKAGE, Deb, PrivateApt, deb_field, extract_kernel, kernel_parts, lists_fresh,
+                  vmlinuz_member)
 from .errors import TestbedError
 from .log import clock, info, since
 from .paths import Layout
@@ -282,6 +287,8 @@ class Kernel:
     description: str
     key: str  # the cache key: "default", or kernels/<key>
     modules_release: str | None = None  # the release of modules_cpio's /lib/modules/<release>
+    # the nested Linux guest made from this kernel (or why there is none)
+    guest: linux_guest.Cached | None = None
 
 
 def debian_key(deb: Deb) -> str:
@@ -529,17 +536,96 @@ def default_description(image_stamp: dict) -> str:
     return f"{spec} ({DEFAULT_SUITE})"
 
 
+def stamp_deb(entry: str) -> Deb:
+    """The Deb of an image stamp's package entry ('name=version:arch', as str(Deb) writes it)."""
+    name, _, rest = entry.partition("=")
+    version, _, arch = rest.rpartition(":")
+    return Deb(name, version, arch)
+
+
+# --- the nested Linux guest of a kernel ------------------------------------------------------
+
+GUEST_DIR = "linux-guest"
+
+
+def _with_guest(layout: Layout, kernel: Kernel, image_stamp: dict, modules) -> Kernel:
+    """kernel with its nested Linux guest, made if needed: modules() is a context manager
+    giving the kernel's linux_guest.ModuleTree. The guest's busybox is the image's."""
+    busybox = next((e for e in image_stamp.get("guest_packages", ())
+                    if e.startswith("busybox-static=")), None)
+    deb = layout.archives / stamp_deb(busybox).filename if busybox else None
+    guest = linux_guest.ensure(kernel.vmlinuz.parent / GUEST_DIR, kernel.vmlinuz, kernel.description,
+                               deb, busybox, modules)
+    return dataclasses.replace(kernel, guest=guest)
+
+
+def _no_modules(why: str):
+    raise linux_guest.GuestBuildError(why)
+
+
+@contextlib.contextmanager
+def _deb_modules(apt: PrivateApt, debs: list[Deb], layout: Layout):
+    apt.download(debs)   # nothing to do when they are still there
+    with linux_guest.deb_modules([apt.archives / d.filename for d in debs], layout.root) as tree:
+        yield tree
+
+
+class _SuiteDebs:
+    """A Debian kernel's .debs, downloaded the first time they are asked for, and deleted at the
+    end unless they are the host sources' (pruned with the image's closure instead): for the
+    Image, the linux-image package, or its linux-binary (Debian's 7.x); for the guest's modules,
+    also linux-modules and linux-base (modules.builtin) when the kernel is split so."""
+
+    def __init__(self, apt: PrivateApt, chosen: Candidate, keep: bool):
+        self.apt, self.chosen, self.keep = apt, chosen, keep
+        self.fetched: list[Deb] = []
+        self._parts: dict[str, Deb] | None = None
+
+    def _get(self, debs: list[Deb]) -> list[Path]:
+        new = [d for d in debs if d not in self.fetched]
+        if new:
+            self.apt.download(new)
+            self.fetched += new
+        return [self.apt.archives / d.filename for d in debs]
+
+    def parts(self) -> dict[str, Deb]:
+        if self._parts is None:
+            self._get([self.chosen.deb])
+            self._parts = kernel_parts(deb_field(self.apt.archives / self.chosen.deb.filename, "Depends"))
+        return self._parts
+
+    def image(self) -> Path:
+        """The .deb with the Image."""
+        binary = self.parts().get("binary")
+        # 7.x packaging: the Image is in linux-binary-<abi>, linux-image-<abi> is empty
+        return self._get([binary or self.chosen.deb])[-1]
+
+    def everything(self) -> list[Path]:
+        """The .debs that together hold the Image, the modules and modules.builtin."""
+        parts = self.parts()
+        return self._get([self.chosen.deb] + [parts[k] for k in ("base", "binary", "modules") if k in parts])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.keep:
+            # the .debs (up to 100 MB with modules) are not needed again
+            for d in self.fetched:
+                (self.apt.archives / d.filename).unlink(missing_ok=True)
+
+
 def ensure_kernel(layout: Layout, spec: KernelSpec, image_stamp: dict, refresh: bool = False) -> Kernel:
     """The kernel to boot for spec, fetched or unpacked into kernels/ when not there yet.
     Call with the build lock held, after build.ensure_image (whose stamp names the default
     kernel)."""
     if spec.is_default:
-        return Kernel(layout.kernel, None, default_description(image_stamp), "default")
+        return _default_kernel(layout, image_stamp)
     if spec.kind in ("suite", "version"):
         return _ensure_debian(layout, spec, image_stamp, refresh)
     if spec.kind == "image":
-        return _ensure_user_image(layout, spec)
-    return _ensure_user_deb(layout, spec)
+        return _ensure_user_image(layout, spec, image_stamp)
+    return _ensure_user_deb(layout, spec, image_stamp)
 
 
 def _tables(layout: Layout, spec: KernelSpec, refresh: bool) -> dict[str, list[Candidate]]:
@@ -551,39 +637,35 @@ def _tables(layout: Layout, spec: KernelSpec, refresh: bool) -> dict[str, list[C
     return tables
 
 
+def _default_kernel(layout: Layout, image_stamp: dict) -> Kernel:
+    kernel = Kernel(layout.kernel, None, default_description(image_stamp), "default")
+    debs = [stamp_deb(image_stamp["kernel"])]
+    return _with_guest(layout, kernel, image_stamp, lambda: _deb_modules(PrivateApt(layout.apt), debs, layout))
+
+
 def _ensure_debian(layout: Layout, spec: KernelSpec, image_stamp: dict, refresh: bool) -> Kernel:
     chosen = choose(spec, _tables(layout, spec, refresh))
     if str(chosen.deb) == image_stamp["kernel"]:
         # the version prefix named the default kernel: the image's own
-        return Kernel(layout.kernel, None, default_description(image_stamp), "default")
+        return _default_kernel(layout, image_stamp)
     key = debian_key(chosen.deb)
     description = chosen.describe()
     store = KernelStore(layout)
-    found = store.lookup(key, description)
-    if found:
-        return found
     apt = PrivateApt(layout.apt) if SUITES[chosen.suite] is None else suite_apt(layout, chosen.suite)
-    t = clock()
+    # the guest's modules come from the same .debs as the Image: one download for both
+    with _SuiteDebs(apt, chosen, keep=SUITES[chosen.suite] is None) as debs:
+        found = store.lookup(key, description)
+        if found is None:
+            t = clock()
 
-    def make(work: Path) -> None:
-        debs = [chosen.deb]
-        apt.download(debs)
-        try:
-            binary = binary_dependency(deb_field(apt.archives / chosen.deb.filename, "Depends"))
-            if binary is not None:
-                # 7.x packaging: the Image is in linux-binary-<abi>, linux-image-<abi> is empty
-                debs.append(binary)
-                apt.download([binary])
-            name = extract_kernel(apt.archives / debs[-1].filename, work / "vmlinuz")
-        finally:
-            # only the Image is kept; the .debs (up to 100 MB with modules) are not needed again
-            if SUITES[chosen.suite] is not None:
-                for d in debs:
-                    (apt.archives / d.filename).unlink(missing_ok=True)
-        info(f"kernel {name} from {description} ({since(t):.1f}s)")
-        return None
+            def make(work: Path) -> None:
+                name = extract_kernel(debs.image(), work / "vmlinuz")
+                info(f"kernel {name} from {description} ({since(t):.1f}s)")
+                return None
 
-    return store.put(key, description, make)
+            found = store.put(key, description, make)
+        return _with_guest(layout, found, image_stamp, lambda: linux_guest.deb_modules(
+            debs.everything(), layout.root))
 
 
 def _modules_part(spec: KernelSpec) -> tuple[str, str, tuple[str, Path] | None]:
@@ -603,30 +685,36 @@ def _user_identity(spec: KernelSpec, prefix: str, what: str):
     return f"{prefix}-{sha[:16]}{key_mods}", f"user {what} {path} sha256:{sha[:16]}{desc_mods}", mods
 
 
-def _ensure_user_image(layout: Layout, spec: KernelSpec) -> Kernel:
+def _ensure_user_image(layout: Layout, spec: KernelSpec, image_stamp: dict) -> Kernel:
     path = Path(spec.value)
     kind = check_image(path)
     t = clock()
     key, description, mods = _user_identity(spec, "image", kind)
     store = KernelStore(layout)
-    found = store.lookup(key, description)
-    if found:
-        return found
-
-    def make(work: Path) -> str | None:
-        # a copy, not a link: the developer may rebuild the file while the guest boots
-        shutil.copyfile(path, work / "vmlinuz")
-        if mods is None:
-            return None
-        release, tree = mods
-        count = pack_modules_tree(tree, release, work / "modules.cpio")
-        info(f"modules {release}: {count} entries from {tree} ({since(t):.1f}s)")
-        return release
-
-    return store.put(key, description, make)
+    found = store.lookup(key, description) or store.put(key, description, lambda work: _copy_user_image(
+        path, work, mods, t))
+    if mods is None:
+        return _with_guest(layout, found, image_stamp, lambda: _no_modules(
+            "a user Image without --modules DIR has no modules for it: give --modules (a "
+            "lib/modules/<release> tree with virtio_pci, virtio_blk and virtio_rng or a "
+            "modules.builtin naming them), or a linux-image .deb"))
+    release, tree = mods
+    return _with_guest(layout, found, image_stamp, lambda: contextlib.nullcontext(
+        linux_guest.ModuleTree.scan(tree, release)))
 
 
-def _ensure_user_deb(layout: Layout, spec: KernelSpec) -> Kernel:
+def _copy_user_image(path: Path, work: Path, mods: tuple[str, Path] | None, t: float) -> str | None:
+    # a copy, not a link: the developer may rebuild the file while the guest boots
+    shutil.copyfile(path, work / "vmlinuz")
+    if mods is None:
+        return None
+    release, tree = mods
+    count = pack_modules_tree(tree, release, work / "modules.cpio")
+    info(f"modules {release}: {count} entries from {tree} ({since(t):.1f}s)")
+    return release
+
+
+def _ensure_user_deb(layout: Layout, spec: KernelSpec, image_stamp: dict) -> Kernel:
     path = Path(spec.value)
     t = clock()
     key, description, mods = _user_identity(spec, "deb", ".deb")
@@ -637,7 +725,11 @@ def _ensure_user_deb(layout: Layout, spec: KernelSpec) -> Kernel:
         # only known once unpacked, so not part of the key's description
         found = dataclasses.replace(found, description=f"{found.description}, its modules "
                                                        f"{found.modules_release}")
-    return found
+    if mods is not None:
+        release, tree = mods
+        return _with_guest(layout, found, image_stamp, lambda: contextlib.nullcontext(
+            linux_guest.ModuleTree.scan(tree, release)))
+    return _with_guest(layout, found, image_stamp, lambda: linux_guest.deb_modules([path], layout.root))
 
 
 def _unpack_user_deb(path: Path, work: Path, mods: tuple[str, Path] | None, t: float) -> str | None:

@@ -3,9 +3,12 @@
 import sys
 import time
 
+# what every message starts with: the command's name (tools/linux-guest sets its own)
+PREFIX = "testbed"
+
 
 def info(message: str) -> None:
-    print(f"testbed: {message}", file=sys.stderr, flush=True)
+    print(f"{PREFIX}: {message}", file=sys.stderr, flush=True)
 
 
 def clock() -> float:

@@ -7,12 +7,13 @@
         resolved.json         package closures, remembered per package-lists version
         wheels/<key>/         pure-Python wheels for the guest, per requirement list
         image/                vmlinuz, base.cpio, stamp.json: what every boot uses (the
-                              default kernel, bookworm's, is image/vmlinuz)
+                              default kernel, bookworm's, is image/vmlinuz); linux-guest/:
+                              that kernel's nested Linux guest (linux_guest.py)
         suites/<suite>/       a private arm64 apt per extra Debian suite (--kernel trixie...):
                               its own sources.list, lists and archives, only for kernels
         kernels/<key>/        a kernel other than the default: vmlinuz, modules.cpio (if any),
-                              stamp.json; key = Debian package and version, or the sha256 of
-                              a user's Image or .deb (the newest few are kept)
+                              stamp.json, linux-guest/; key = Debian package and version, or
+                              the sha256 of a user's Image or .deb (the newest few are kept)
         logs/                 one console log per run (the newest LOG_KEEP are kept)
         runs/                 per-run scratch (job archive, initrd), removed after the run
 """
