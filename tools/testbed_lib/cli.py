@@ -227,7 +227,7 @@ def _guest_line(kernel: kernels.Kernel) -> str:
     guest = kernel.guest
     if guest is None or guest.directory is None:
         why = guest.note if guest is not None else "not made"
-        return f"no nested Linux guest for this kernel ({why}); the guest gets {linux_guest.MISSING_NOTE} saying so"
+        return f"no nested Linux guest for this kernel ({why}); the guest gets /{linux_guest.MISSING_NOTE} saying so"
     return f"nested Linux guest: {guest.note}, in {guest.directory}"
 
 

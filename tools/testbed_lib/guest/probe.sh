@@ -14,6 +14,11 @@ if [ ! -c /dev/kvm ]; then
 fi
 ls -l /dev/kvm
 python3 -c 'import sys, cffi, fdt; print("== python", sys.version.split()[0], "cffi", cffi.__version__, "fdt", getattr(fdt, "__version__", "?"))' || exit 1
+if [ -f /opt/kvmits/linux-guest/release ]; then
+    echo "== nested Linux guest (kvmits.lab.linux_guest): /opt/kvmits/linux-guest, kernel $(cat /opt/kvmits/linux-guest/release)"
+else
+    echo "== no nested Linux guest: $(cat /opt/kvmits/linux-guest.missing 2>/dev/null || echo 'nothing at /opt/kvmits/linux-guest')"
+fi
 if [ -f kvmits/cli/probe.py ]; then
     echo "== python3 -m kvmits probe"
     exec python3 -m kvmits probe
