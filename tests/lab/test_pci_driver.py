@@ -16,14 +16,7 @@ from kvmits.machine.devices.virtio.rng import VirtioRng
 from kvmits.machine.memmap import PCIE_ECAM_BASE, PCIE_MMIO_BASE, PCIE_MMIO_SIZE
 from kvmits.machine.pci.host import ECAM_BUS_SIZE, PciHost
 from tests.machine.pci_fakes import RecordingMsixSink
-from tests.machine.virtio_fakes import BASE, RAM_SIZE, FakeRam
-
-DOORBELL = 0x0809_0040
-
-
-class Ram(FakeRam):
-    def fill(self, gpa, size, byte):
-        self.write(gpa, bytes([byte]) * size)
+from tests.machine.virtio_fakes import BASE, DOORBELL, RAM_SIZE, FakeRam
 
 
 class BusAccess:
@@ -41,7 +34,7 @@ class BusAccess:
 
 @pytest.fixture
 def setup():
-    bus, ram, sink = MmioBus(), Ram(), RecordingMsixSink()
+    bus, ram, sink = MmioBus(), FakeRam(), RecordingMsixSink()
     host = PciHost(bus, PCIE_MMIO_BASE, PCIE_MMIO_SIZE)
     bus.add(PCIE_ECAM_BASE, ECAM_BUS_SIZE, host)
     dev = VirtioRng(source=lambda n: b"\xab" * n)

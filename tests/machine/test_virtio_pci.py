@@ -6,13 +6,11 @@ guest's accesses."""
 from __future__ import annotations
 
 import logging
-import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmits.errors import GuestMemoryError
 from kvmits.machine.bus import MmioBus
 from kvmits.machine.devices.virtio import pci as V
 from kvmits.machine.devices.virtio.pci import NotifyAddress, VirtioPciFunction
@@ -22,40 +20,11 @@ from kvmits.machine.pci import PciHost
 from kvmits.machine.pci import config as P
 from kvmits.machine.pci import msix as M
 from tests.machine.pci_fakes import RecordingMsixSink as Sink
+from tests.machine.virtio_fakes import BASE, DOORBELL, FakeRam
 
-BASE = 0x4000_0000
-RAM_SIZE = 1 << 20
 DESC, AVAIL, USED = BASE, BASE + 0x1000, BASE + 0x2000          # queue 0's rings
 BUF = BASE + 0x8000
-DOORBELL = 0x0809_0040
 F_DEVICE_BIT0 = 1 << 0                                           # a device-specific feature
-
-
-class FakeRam:
-    """`size` bytes at `base`; an access outside raises GuestMemoryError (as GuestMemory)."""
-
-    def __init__(self, base: int = BASE, size: int = RAM_SIZE):
-        self.base, self.size = base, size
-        self.buf = bytearray(size)
-
-    def _off(self, gpa, size):
-        if not (size >= 0 and self.base <= gpa and gpa + size <= self.base + self.size):
-            raise GuestMemoryError(gpa, size)
-        return gpa - self.base
-
-    def read(self, gpa, size):
-        off = self._off(gpa, size)
-        return bytes(self.buf[off:off + size])
-
-    def write(self, gpa, data):
-        off = self._off(gpa, len(data))
-        self.buf[off:off + len(data)] = data
-
-    def poke(self, gpa, fmt, *values):
-        struct.pack_into("<" + fmt, self.buf, gpa - self.base, *values)
-
-    def peek(self, gpa, fmt):
-        return struct.unpack_from("<" + fmt, self.buf, gpa - self.base)
 
 
 class FakeDevice:

@@ -1,5 +1,6 @@
 """The device side of the split virtqueue (virtio 1.2, 2.7): the rules, each bad-input class a
-hostile driver can produce, and property tests against a driver written here."""
+hostile driver can produce, and property tests against a driver written from the spec
+(tests/machine/virtio_fakes.py's Ring, here on a queue of its own)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from hypothesis import strategies as st
 from kvmits.errors import GuestMemoryError
 from kvmits.machine.devices.virtio import virtqueue as V
 from kvmits.machine.devices.virtio.virtqueue import Chain, Virtqueue, VirtqueueConfigError, VirtqueueError
+from tests.machine.virtio_fakes import BASE, RAM_SIZE, FakeRam, Ring
 
 E = VirtqueueError
 NEXT, WRITE, INDIRECT = V.VIRTQ_DESC_F_NEXT, V.VIRTQ_DESC_F_WRITE, V.VIRTQ_DESC_F_INDIRECT
 
-BASE = 0x4000_0000
-RAM_SIZE = 1 << 20
 DESC = BASE
 AVAIL = BASE + 0x8_0000
 USED = BASE + 0x9_0000
@@ -27,90 +27,20 @@ TABLES = BASE + 0xA_0000         # indirect tables
 BUF = BASE + 0xC_0000            # where buffer addresses point (never accessed by the queue)
 
 
-class FakeRam:
-    """`size` bytes at `base` (as tests/its/ramfake.py): an access outside raises
-    GuestMemoryError; every access is counted, to bound the work of one call."""
-
-    def __init__(self, base: int = BASE, size: int = RAM_SIZE):
-        self.base, self.size = base, size
-        self.buf = bytearray(size)
-        self.accesses = 0
-
-    def _off(self, gpa: int, size: int) -> int:
-        self.accesses += 1
-        if not (size >= 0 and self.base <= gpa and gpa + size <= self.base + self.size):
-            raise GuestMemoryError(gpa, size)
-        return gpa - self.base
-
-    def read(self, gpa: int, size: int) -> bytes:
-        off = self._off(gpa, size)
-        return bytes(self.buf[off:off + size])
-
-    def write(self, gpa: int, data: bytes) -> None:
-        off = self._off(gpa, len(data))
-        self.buf[off:off + len(data)] = data
-
-    # test-side access (not counted, no bounds: the test lays out RAM itself)
-    def poke(self, gpa: int, fmt: str, *values) -> None:
-        struct.pack_into("<" + fmt, self.buf, gpa - self.base, *values)
-
-    def peek(self, gpa: int, fmt: str):
-        return struct.unpack_from("<" + fmt, self.buf, gpa - self.base)
-
-
-class Driver:
-    """The driver side (2.7.13 / 2.7.14), written from the spec independently of the device
-    code: free descriptor list, chains direct or through an indirect table, avail and used
-    indices free-running mod 2**16."""
+class Driver(Ring):
+    """The driver side (2.7.13 / 2.7.14) of a queue at DESC, AVAIL and USED: descriptors taken
+    in a shuffled order (chains are not in table order), indirect tables from `next_table` up
+    (TABLES at first)."""
 
     def __init__(self, ram: FakeRam, size: int, *, idx: int = 0, rng: random.Random | None = None):
-        self.ram, self.size = ram, size
-        self.rng = rng or random.Random(0)
-        self.free = list(range(size))
-        self.rng.shuffle(self.free)       # chains are not in table order
-        self.avail_idx = idx
-        self.last_used = idx
-        self.owned: dict[int, list[int]] = {}
+        free = list(range(size))
+        (rng or random.Random(0)).shuffle(free)
+        super().__init__(ram, size, DESC, AVAIL, USED, tables=self._table, free=free, idx=idx)
         self.next_table = TABLES
-        self.ram.poke(AVAIL, "HH", 0, idx)
-        self.ram.poke(USED, "HH", 0, idx)
 
-    def desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0, table: int = DESC) -> None:
-        self.ram.poke(table + 16 * i, "QIHH", addr, length, flags, nxt)
-
-    def add(self, bufs: list[tuple[int, int, bool]], indirect: bool = False) -> int:
-        """Make one chain available (not yet published); return its head."""
-        if indirect:
-            table, self.next_table = self.next_table, self.next_table + 16 * len(bufs)
-            for k, (a, n, w) in enumerate(bufs):
-                last = k == len(bufs) - 1
-                self.desc(k, a, n, (WRITE if w else 0) | (0 if last else NEXT), 0 if last else k + 1, table)
-            head = self.free.pop()
-            self.desc(head, table, 16 * len(bufs), INDIRECT)
-            used = [head]
-        else:
-            used = [self.free.pop() for _ in bufs]
-            for k, ((a, n, w), i) in enumerate(zip(bufs, used)):
-                last = k == len(bufs) - 1
-                self.desc(i, a, n, (WRITE if w else 0) | (0 if last else NEXT), 0 if last else used[k + 1])
-            head = used[0]
-        self.owned[head] = used
-        self.ram.poke(AVAIL + 4 + 2 * (self.avail_idx % self.size), "H", head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        return head
-
-    def publish(self) -> None:
-        self.ram.poke(AVAIL + 2, "H", self.avail_idx)
-
-    def reap(self) -> list[tuple[int, int]]:
-        """Used elements since the last reap, their descriptors freed."""
-        (idx,) = self.ram.peek(USED + 2, "H")
-        out = []
-        while self.last_used != idx:
-            out.append(self.ram.peek(USED + 4 + 8 * (self.last_used % self.size), "II"))
-            self.free += self.owned.pop(out[-1][0])
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        return out
+    def _table(self, nbytes: int) -> int:
+        table, self.next_table = self.next_table, self.next_table + nbytes
+        return table
 
 
 def make(size: int = 8, ram: FakeRam | None = None, idx: int = 0, **kw) -> tuple[Virtqueue, Driver, FakeRam]:

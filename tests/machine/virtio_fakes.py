@@ -6,6 +6,7 @@ common configuration, 2.7.13 supplying buffers, 2.7.14 receiving used buffers)."
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from kvmits.errors import GuestMemoryError
 from kvmits.machine.devices.virtio import pci as V
@@ -25,16 +26,20 @@ class FakeRam:
     """`size` bytes at `base`; an access outside raises GuestMemoryError (as GuestMemory).
     `writes` records every (gpa, length) written through write(), the device's side, and
     `on_write(gpa, length)`, if set, is called after each (a driver acting while the device
-    works); the test's side uses poke / peek / put / get, which neither check nor record."""
+    works); `accesses` counts every read and write (refused ones too), to bound the work of
+    one call; the test's side uses poke / peek / put / get, which neither check, count nor
+    record. fill() is GuestMemory's, for a guest-side driver: a write() of `size` bytes."""
 
     def __init__(self, base: int = BASE, size: int = RAM_SIZE):
         self.base, self.size = base, size
         self.buf = bytearray(size)
         self.writes: list[tuple[int, int]] = []
+        self.accesses = 0                   # reads and writes
         self.outside = 0                    # accesses refused
         self.on_write = None
 
     def _off(self, gpa: int, size: int) -> int:
+        self.accesses += 1
         if not (size >= 0 and self.base <= gpa and gpa + size <= self.base + self.size):
             self.outside += 1
             raise GuestMemoryError(gpa, size)
@@ -51,6 +56,9 @@ class FakeRam:
         if self.on_write is not None:
             self.on_write(gpa, len(data))
 
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.write(gpa, bytes([byte]) * size)
+
     # the test's side
     def poke(self, gpa: int, fmt: str, *values) -> None:
         struct.pack_into("<" + fmt, self.buf, gpa - self.base, *values)
@@ -65,20 +73,65 @@ class FakeRam:
         return bytes(self.buf[gpa - self.base:gpa - self.base + size])
 
 
-class _Ring:
-    """The driver's view of one queue: its three parts, the free descriptors and indices."""
+class Ring:
+    """The driver's side of one split virtqueue (2.7.13 supplying buffers, 2.7.14 receiving used
+    buffers), written from the spec independently of the device code: a free descriptor list,
+    chains direct or through an indirect table, avail and used indices free-running mod 2**16.
+    The descriptor table is at `desc_table`, the rings at `avail` and `used`; `tables(nbytes)`
+    gives the address of a new indirect table; descriptors are taken from the end of `free`
+    (default 0, 1, 2, ...); both indices start at `idx`, written into the rings with flags 0."""
 
-    def __init__(self, index: int, size: int):
-        base = RINGS + index * RING_STRIDE
-        self.size = size
-        self.desc = base
-        self.avail = base + 16 * size
-        self.used = (self.avail + 6 + 2 * size + 3) & ~3
-        assert self.used + used_ring_bytes(size) <= base + RING_STRIDE
-        self.free = list(range(size))[::-1]
-        self.avail_idx = 0
-        self.last_used = 0
+    def __init__(self, ram: FakeRam, size: int, desc_table: int, avail: int, used: int, *,
+                 tables: Callable[[int], int], free: list[int] | None = None, idx: int = 0):
+        self.ram, self.size = ram, size
+        self.desc_table, self.avail, self.used = desc_table, avail, used
+        self.tables = tables
+        self.free = list(range(size))[::-1] if free is None else list(free)
+        self.avail_idx = self.last_used = idx
         self.owned: dict[int, list[int]] = {}
+        self.ram.poke(avail, "HH", 0, idx)
+        self.ram.poke(used, "HH", 0, idx)
+
+    def desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0, table: int | None = None) -> None:
+        """Descriptor i of the queue's table (or of the indirect `table`)."""
+        self.ram.poke((self.desc_table if table is None else table) + 16 * i, "QIHH", addr, length, flags, nxt)
+
+    def add(self, bufs, indirect: bool = False) -> int:
+        """Make the chain of `bufs` ((gpa, length, device_writable), in order) available, directly
+        or through an indirect table, not yet published; returns its head."""
+        flags = [VIRTQ_DESC_F_WRITE if w else 0 for _, _, w in bufs]
+        if indirect:
+            table = self.tables(16 * len(bufs))
+            for k, (gpa, length, _) in enumerate(bufs):
+                last = k == len(bufs) - 1
+                self.desc(k, gpa, length, flags[k] | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else k + 1, table)
+            head = self.free.pop()
+            self.desc(head, table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT)
+            taken = [head]
+        else:
+            taken = [self.free.pop() for _ in bufs]
+            for k, ((gpa, length, _), i) in enumerate(zip(bufs, taken)):
+                last = k == len(bufs) - 1
+                self.desc(i, gpa, length, flags[k] | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else taken[k + 1])
+            head = taken[0]
+        self.owned[head] = taken
+        self.ram.poke(self.avail + 4 + 2 * (self.avail_idx % self.size), "H", head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> None:
+        self.ram.poke(self.avail + 2, "H", self.avail_idx)
+
+    def reap(self) -> list[tuple[int, int]]:
+        """The used elements (head, len) since the last reap, their descriptors freed."""
+        (idx,) = self.ram.peek(self.used + 2, "H")
+        out = []
+        while self.last_used != idx:
+            head, length = self.ram.peek(self.used + 4 + 8 * (self.last_used % self.size), "II")
+            out.append((head, length))
+            self.free += self.owned.pop(head)
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
 
 
 class Driver:
@@ -90,7 +143,7 @@ class Driver:
     def __init__(self, fn: V.VirtioPciFunction, ram: FakeRam, *, features: int | None = None):
         self.fn, self.ram = fn, ram
         self.accept = features
-        self.rings: dict[int, _Ring] = {}
+        self.rings: dict[int, Ring] = {}
         self.heap = HEAP
 
     # -- registers ------------------------------------------------------------------------------
@@ -143,19 +196,28 @@ class Driver:
                 self.common(V.VIRTIO_PCI_COMMON_Q_SELECT, 2, q)
                 sizes[q] = self.common(V.VIRTIO_PCI_COMMON_Q_SIZE, 2)
         for q, size in sizes.items():
-            ring = self.rings[q] = _Ring(q, size)
+            ring = self.rings[q] = self._ring(q, size)
             self.common(V.VIRTIO_PCI_COMMON_Q_SELECT, 2, q)
             self.common(V.VIRTIO_PCI_COMMON_Q_SIZE, 2, size)
             self.common(V.VIRTIO_PCI_COMMON_Q_MSIX, 2, q + 1)
-            for offset, addr in ((V.VIRTIO_PCI_COMMON_Q_DESCLO, ring.desc), (V.VIRTIO_PCI_COMMON_Q_AVAILLO, ring.avail),
+            for offset, addr in ((V.VIRTIO_PCI_COMMON_Q_DESCLO, ring.desc_table),
+                                 (V.VIRTIO_PCI_COMMON_Q_AVAILLO, ring.avail),
                                  (V.VIRTIO_PCI_COMMON_Q_USEDLO, ring.used)):
                 self.common(offset, 4, addr & 0xFFFF_FFFF)
                 self.common(offset + 4, 4, addr >> 32)
-            self.ram.put(ring.desc, bytes(ring.used + used_ring_bytes(size) - ring.desc))
+            self.ram.put(ring.desc_table, bytes(ring.used + used_ring_bytes(size) - ring.desc_table))
             self.common(V.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
             assert self.fn.queue(q) is not None
         self.common(V.VIRTIO_PCI_COMMON_STATUS, 1, self.status | V.VIRTIO_CONFIG_S_DRIVER_OK)
         return features
+
+    def _ring(self, q: int, size: int) -> Ring:
+        """Queue q's three parts at RINGS + q * RING_STRIDE, indirect tables from the heap."""
+        base = RINGS + q * RING_STRIDE
+        avail = base + 16 * size
+        used = (avail + 6 + 2 * size + 3) & ~3
+        assert used + used_ring_bytes(size) <= base + RING_STRIDE
+        return Ring(self.ram, size, base, avail, used, tables=self.alloc)
 
     def _enable_msix(self, vectors: int) -> None:
         msix = self.fn.msix
@@ -181,35 +243,14 @@ class Driver:
 
     def submit(self, q: int, bufs, *, indirect: bool = False, publish: bool = True) -> int:
         """Make the chain of `bufs` ((gpa, length, device_writable), in order) available on
-        queue q, directly or through an indirect table; returns its head."""
-        ring = self.rings[q]
-        flags = [VIRTQ_DESC_F_WRITE if w else 0 for _, _, w in bufs]
-        if indirect:
-            table = self.alloc(16 * len(bufs))
-            for k, (gpa, length, _) in enumerate(bufs):
-                last = k == len(bufs) - 1
-                self.ram.poke(table + 16 * k, "QIHH", gpa, length, flags[k] | (0 if last else VIRTQ_DESC_F_NEXT),
-                              0 if last else k + 1)
-            head = ring.free.pop()
-            self.ram.poke(ring.desc + 16 * head, "QIHH", table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
-            taken = [head]
-        else:
-            taken = [ring.free.pop() for _ in bufs]
-            for k, ((gpa, length, _), i) in enumerate(zip(bufs, taken)):
-                last = k == len(bufs) - 1
-                self.ram.poke(ring.desc + 16 * i, "QIHH", gpa, length, flags[k] | (0 if last else VIRTQ_DESC_F_NEXT),
-                              0 if last else taken[k + 1])
-            head = taken[0]
-        ring.owned[head] = taken
-        self.ram.poke(ring.avail + 4 + 2 * (ring.avail_idx % ring.size), "H", head)
-        ring.avail_idx = (ring.avail_idx + 1) & 0xFFFF
+        queue q, directly or through an indirect table (from the heap); returns its head."""
+        head = self.rings[q].add(bufs, indirect)
         if publish:
             self.publish(q)
         return head
 
     def publish(self, q: int) -> None:
-        ring = self.rings[q]
-        self.ram.poke(ring.avail + 2, "H", ring.avail_idx)
+        self.rings[q].publish()
 
     def kick(self, q: int) -> None:
         """vp_notify: a write of the queue index at the queue's notify address (4.1.5.2)."""
@@ -220,13 +261,7 @@ class Driver:
         """The used elements (head, len) since the last reap, their descriptors freed; with
         EVENT_IDX, used_event then asks for an interrupt at the next one (2.7.7.2)."""
         ring = self.rings[q]
-        (idx,) = self.ram.peek(ring.used + 2, "H")
-        out = []
-        while ring.last_used != idx:
-            head, length = self.ram.peek(ring.used + 4 + 8 * (ring.last_used % ring.size), "II")
-            out.append((head, length))
-            ring.free += ring.owned.pop(head)
-            ring.last_used = (ring.last_used + 1) & 0xFFFF
+        out = ring.reap()
         if self.fn.negotiated(VIRTIO_RING_F_EVENT_IDX):
             self.ram.poke(ring.avail + 4 + 2 * ring.size, "H", ring.last_used)
         return out
