@@ -58,7 +58,7 @@ import threading
 
 from kvmits.errors import GuestMemoryError
 from kvmits.machine.devices.virtio.virtqueue import (MAX_QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX,
-                                                     VIRTIO_RING_F_INDIRECT_DESC, Virtqueue, VirtqueueError)
+                                                     VIRTIO_RING_F_INDIRECT_DESC, Virtqueue)
 
 log = logging.getLogger(__name__)
 
@@ -241,53 +241,12 @@ class VirtioBlk:
 
     # -- the queues ---------------------------------------------------------------------------------
     def notify(self, index: int, vq: Virtqueue) -> None:
-        """The driver notified queue `index`: serve it in rounds of at most vq.size requests
-        (driver notifications off meanwhile, 2.7.10), another round only while the queue has
-        more (the cap was reached, or enable_notifications() saw buffers that came meanwhile),
-        so a notify lasts as long as the driver keeps the queue fed and no longer. A queue the
-        transport no longer has (a reset came first) is left alone."""
+        """The driver notified queue `index`: serve it (VirtioPciFunction.serve), unless a
+        request it could not complete stopped it until the next reset."""
         with self._lock:
             if index not in self._stopped:
-                while self._round(index, vq):
-                    pass
-
-    def _round(self, index: int, vq: Virtqueue) -> bool:
-        """Serve up to vq.size requests; whether another round is due."""
-        fn = self.function
-        if fn.queue(index) is not vq:
-            return False
-        err = vq.disable_notifications()
-        if err is not None:
-            fn.set_needs_reset(err, vq.broken_detail, index)
-            return False
-        more = True                         # unless the queue runs dry below
-        for _ in range(vq.size):
-            chain = vq.pop()
-            if chain is None:
-                more = False
-                break
-            if chain.__class__ is VirtqueueError:
-                fn.set_needs_reset(chain, vq.broken_detail, index)
-                return False
-            written = self._request(index, vq.memory, chain)
-            if written < 0 or fn.queue(index) is not vq:
-                more = None                 # stopped, or reset meanwhile: no push, no more
-                break
-            err = vq.push(chain.head, written)
-            if err is not None:
-                fn.set_needs_reset(err, vq.broken_detail, index)
-                return False
-        if vq.needs_interrupt():
-            fn.notify_used(index)
-        if more is None:
-            return False
-        if more:
-            return True                     # the cap: more may be waiting, notifications still off
-        more = vq.enable_notifications()
-        if more.__class__ is VirtqueueError:
-            fn.set_needs_reset(more, vq.broken_detail, index)
-            return False
-        return more
+                mem = vq.memory
+                self.function.serve(index, vq, lambda chain: self._request(index, mem, chain))
 
     def _bad(self, index: int, detail: str) -> int:
         """A chain the device cannot complete (module docstring): DEVICE_NEEDS_RESET, and the

@@ -59,9 +59,9 @@ import collections
 import logging
 import struct
 import threading
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
-from kvmits.machine.devices.virtio.virtqueue import (MAX_QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX,
+from kvmits.machine.devices.virtio.virtqueue import (MAX_QUEUE_SIZE, Chain, VIRTIO_RING_F_EVENT_IDX,
                                                      VIRTIO_RING_F_INDIRECT_DESC, Virtqueue,
                                                      VirtqueueConfigError, VirtqueueError, VirtqueueStats)
 from kvmits.machine.pci.config import PCI_CAP_ID_VNDR, Bar, ConfigSpace
@@ -450,6 +450,55 @@ class VirtioPciFunction:
             return self.msix.signal(self.config_msix_vector)
         self.intx_less += 1
         return False
+
+    def serve(self, index: int, vq: Virtqueue, handle: Callable[[Chain], int]) -> None:
+        """What a device's notify(index, vq) does with the queue: serve it in rounds of at most
+        vq.size chains, driver notifications off meanwhile (2.7.10), another round only while
+        the queue has more (the cap was reached, or enable_notifications() saw buffers that came
+        meanwhile), so a notify lasts as long as the driver keeps the queue fed and no longer.
+        `handle(chain)` does one request and returns how many bytes it wrote into the chain's
+        device-writable buffers (2.7.8 used length), or -1 when the request cannot be completed
+        (the device set DEVICE_NEEDS_RESET): that chain is not returned and serving stops. A
+        queue error sets DEVICE_NEEDS_RESET; a queue a reset took away meanwhile is left alone.
+        The used-buffer notification goes out after each round (notify_used)."""
+        while self._serve_round(index, vq, handle):
+            pass
+
+    def _serve_round(self, index: int, vq: Virtqueue, handle: Callable[[Chain], int]) -> bool:
+        if self.queue(index) is not vq:
+            return False                    # reset meanwhile: the ring is no longer the device's
+        err = vq.disable_notifications()
+        if err is not None:
+            self.set_needs_reset(err, vq.broken_detail, index)
+            return False
+        more = True                         # unless the queue runs dry below
+        for _ in range(vq.size):
+            chain = vq.pop()
+            if chain is None:
+                more = False
+                break
+            if chain.__class__ is VirtqueueError:
+                self.set_needs_reset(chain, vq.broken_detail, index)
+                return False
+            written = handle(chain)
+            if written < 0 or self.queue(index) is not vq:
+                more = None                 # stopped, or reset meanwhile: no push, no more
+                break
+            err = vq.push(chain.head, written)
+            if err is not None:
+                self.set_needs_reset(err, vq.broken_detail, index)
+                return False
+        if vq.needs_interrupt():
+            self.notify_used(index)
+        if more is None:
+            return False
+        if more:
+            return True                     # the cap: more may be waiting, notifications still off
+        more = vq.enable_notifications()
+        if more.__class__ is VirtqueueError:
+            self.set_needs_reset(more, vq.broken_detail, index)
+            return False
+        return more
 
     def set_needs_reset(self, reason: VirtqueueError | str, detail: str = "", queue: int | None = None) -> None:
         """The device met an error it cannot recover from without a reset (a Virtqueue's

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from kvmits.errors import GuestMemoryError
 from kvmits.machine.devices.virtio.virtqueue import (VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                                                     Virtqueue, VirtqueueError)
+                                                     Virtqueue)
 
 log = logging.getLogger(__name__)
 
@@ -75,44 +75,10 @@ class VirtioRng:
 
     # -- the queue --------------------------------------------------------------------------------
     def notify(self, index: int, vq: Virtqueue) -> None:
-        """Serve the queue in rounds of at most vq.size chains, as VirtioBlk.notify does."""
+        """Serve the queue (VirtioPciFunction.serve): each chain filled by _fill."""
         with self._lock:
-            while self._round(index, vq):
-                pass
-
-    def _round(self, index: int, vq: Virtqueue) -> bool:
-        fn = self.function
-        if fn.queue(index) is not vq:
-            return False                    # reset meanwhile
-        err = vq.disable_notifications()
-        if err is not None:
-            fn.set_needs_reset(err, vq.broken_detail, index)
-            return False
-        more = True
-        for _ in range(vq.size):
-            chain = vq.pop()
-            if chain is None:
-                more = False
-                break
-            if chain.__class__ is VirtqueueError:
-                fn.set_needs_reset(chain, vq.broken_detail, index)
-                return False
-            given = self._fill(vq.memory, chain)
-            if fn.queue(index) is not vq:
-                return False                # reset meanwhile: the ring is no longer the device's
-            err = vq.push(chain.head, given)
-            if err is not None:
-                fn.set_needs_reset(err, vq.broken_detail, index)
-                return False
-        if vq.needs_interrupt():
-            fn.notify_used(index)
-        if more:
-            return True
-        more = vq.enable_notifications()
-        if more.__class__ is VirtqueueError:
-            fn.set_needs_reset(more, vq.broken_detail, index)
-            return False
-        return more
+            mem = vq.memory
+            self.function.serve(index, vq, lambda chain: self._fill(mem, chain))
 
     def _fill(self, mem, chain) -> int:
         """Random bytes into the chain's writable buffers, in order; how many."""
