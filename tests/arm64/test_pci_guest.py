@@ -228,3 +228,31 @@ def test_config_space_accesses_of_every_width_never_break_the_function(lab):
     fn.write(0x1000 - 2, 0xFFFF, 2)                                   # the last bytes of the 4 KiB
     assert fn.ids() == ids
     assert lab.agent.ping(0, 3) == 3
+
+
+def test_a_4_gib_request_and_a_notify_for_no_queue_are_refused_and_the_device_goes_on(lab):
+    """A read into a buffer of nearly 4 GiB (the chain stays within 2.7.5.2's 2**32 bytes, so
+    the queue is sound; the request is not): IOERR, nothing touched, the next request works."""
+    dev = bring_up(lab, BLK_SLOT, {0: 1, 1: 2}, config_vector=0, queue_size=16)
+    lab.agent.take_irqs()
+    function = slot_of(lab, "virtio-blk0").function
+    dropped = function.dropped_notifies
+    dev.notify(5, dev.notify_address(1) + 4 * 4)                      # queue 5's address: no such queue
+    lab.expect_none(0.3)
+    assert function.dropped_notifies == dropped + 1
+    heap, ram = lab.heap, lab.machine.ram
+    header, status = heap.alloc(16, 16), heap.alloc(1, 16)
+    ram.write(header, (VIRTIO_BLK_T_IN).to_bytes(4, "little") + bytes(12))
+    before = lab.disk.read_bytes()
+    q = dev.queues[0]
+    head = q.add([(header, 16, False), (heap.alloc(4096, 4096), 0xFFFF_0000, True), (status, 1, True)])
+    dev.notify(0)
+    lab.expect(cpu=1, intid=LPI_BASE + 201)
+    assert q.take_used() == [(head, 1)] and ram.read(status, 1) == b"\1"   # VIRTIO_BLK_S_IOERR
+    assert lab.disk.read_bytes() == before
+    ram.write(header, (VIRTIO_BLK_T_IN).to_bytes(4, "little") + bytes(12))
+    back = heap.alloc(512, 512)
+    head = q.add([(header, 16, False), (back, 512, True), (status, 1, True)])
+    dev.notify(0)                                                     # and the next request works
+    lab.expect(cpu=1, intid=LPI_BASE + 201)
+    assert q.take_used() == [(head, 513)] and ram.read(status, 1) == b"\0"
