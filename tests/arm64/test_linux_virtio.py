@@ -162,3 +162,30 @@ def test_the_userspace_its_translates_no_msi_in_python(booted):
         pytest.skip("the kernel's ITS translates in the kernel: nothing to count")
     assert stats["model"]["msis"] == 0, stats["model"]
     assert stats["its"]["slow_path_msis"] == 0 and stats["its"]["msis_injected"] == 0, stats["its"]
+
+
+@pytest.mark.parametrize("its", ["kernel", "user"])
+def test_kvmits_run_with_disk_and_rng(arm64_kvm, tmp_path, its):
+    """The same devices from the command line: `kvmits run --disk FILE,ro --rng`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    guest = LinuxGuest.find()
+    if guest is None:
+        pytest.skip(LinuxGuest.why_missing())
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"kvmits!\n" + bytes(DISK_BYTES - 8))
+    initrd = tmp_path / "initrd.cpio"
+    initrd.write_bytes(guest.initrd("cat /sys/block/vda/size /sys/block/vda/ro; head -c 8 /dev/vda;"
+                                    " head -c 8 /dev/hwrng | wc -c; (echo x > /dev/vda) 2>/dev/null || echo refused"))
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "kvmits", "run", str(guest.image), "--cpus", "2", "--mem", "256M",
+                          "--its", its, "--initrd", str(initrd), "--append", CMDLINE, "--disk", f"{disk},ro", "--rng",
+                          "--timeout", str(BOOT_TIMEOUT)],
+                         stdin=subprocess.DEVNULL, capture_output=True, timeout=BOOT_TIMEOUT + 60, cwd=root, check=False)
+    report = GuestReport.parse(out.stdout)
+    assert out.returncode == 0, (out.stderr.decode()[-2000:], report.problem())
+    lines = report.check().output.split()
+    assert lines[:5] == [str(DISK_BYTES // 512), "1", "kvmits!", "8", "refused"], report.output
+    assert disk.read_bytes()[:8] == b"kvmits!\n"                       # read-only: untouched
