@@ -52,11 +52,14 @@ class LpiSink(Protocol):
     def set_pending(self, intid: int, target: int) -> None:
         """INT, or a translated MSI (GITS_TRANSLATER write / signal_msi)."""
 
-    def clear_pending(self, intid: int, target: int) -> None:
-        """CLEAR, and the removal of the pending state by DISCARD."""
+    def clear_pending(self, intid: int, target: int | None) -> None:
+        """CLEAR, and the removal of the pending state by DISCARD. `target` None: a CLEAR the
+        model accepted for an ITE whose collection is not mapped (KVM clears the LPI's pending
+        state wherever the LPI is)."""
 
-    def invalidate(self, intid: int, target: int) -> None:
-        """INV: re-read the LPI's configuration (priority, enable) from the property table."""
+    def invalidate(self, intid: int, target: int | None) -> None:
+        """INV: re-read the LPI's configuration (priority, enable) from the property table;
+        `target` None as for clear_pending."""
 
     def invalidate_all(self, target: int) -> None:
         """INVALL: re-read the configuration of every LPI of the collection's target."""

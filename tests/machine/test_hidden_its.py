@@ -243,6 +243,24 @@ def test_the_guest_s_commands_are_in_the_command_log_and_the_debug_log(caplog):
         rig.close()
 
 
+def test_a_clear_of_an_lpi_whose_collection_was_unmapped_clears_it_on_the_hidden_its():
+    """KVM clears the LPI's latch on a CLEAR through an ITE whose collection is gone (1000-
+    program differential, 6.1, seed 889): so must what the userspace ITS makes of it."""
+    rig = Rig()
+    try:
+        rig.its.mapd(3, 2)
+        rig.its.mapti(3, 2, 8233, 0)
+        rig.its.int_(3, 2)
+        rig.its.movi(3, 2, 1)
+        assert (8233, 1) in rig.kernel.sink.pending
+        rig.its.mapc(1, 1, valid=False)
+        rig.its.clear(3, 2)
+        assert not any(intid == 8233 for intid, _ in rig.kernel.sink.pending), rig.kernel.sink.pending
+        assert rig.model.targetless_commands == 1
+    finally:
+        rig.close()
+
+
 def test_mapc_retarget_moves_lpis_without_dropping_pending_state():
     rig = Rig()
     try:
