@@ -46,7 +46,7 @@ TESTBED_MISSING = "/opt/kvmits/linux-guest.missing"
 FILES = ("Image", "initramfs.cpio", "release")
 #: the job's path in the guest
 JOB = "job.sh"
-# /init's console markers (tools/testbed_lib/linux_guest.py writes them; a test checks both agree)
+# /init's console markers (tools/testbed_lib/linux_guest.py imports them for the /init it writes)
 READY = "KVMITS-GUEST-READY"
 DONE = "KVMITS-GUEST-DONE"
 INSMOD_FAILED = "KVMITS-GUEST-INSMOD-FAILED"

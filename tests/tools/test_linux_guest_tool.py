@@ -175,8 +175,6 @@ def test_bootable_image_decompresses_what_the_loader_should_not_have_to(tmp_path
 
 
 def test_the_init_script_follows_the_contract(tmp_path):
-    from kvmits.lab import linux_guest as lab
-
     script = linux_guest.init_script(["virtio_pci_modern_dev", "virtio_pci", "virtio_blk"])
     assert script.startswith("#!/bin/busybox sh\n")
     for line in ("mount -t proc proc /proc", "mount -t sysfs sysfs /sys", "mount -t devtmpfs devtmpfs /dev",
@@ -188,10 +186,6 @@ def test_the_init_script_follows_the_contract(tmp_path):
     lines = script.splitlines()
     assert lines.index("echo KVMITS-GUEST-READY") > lines.index("done") > lines.index("mount -t devtmpfs devtmpfs /dev")
     assert lines[-1] == "poweroff -f"
-    # the two ends of the contract agree
-    assert (linux_guest.READY, linux_guest.DONE, linux_guest.INSMOD_FAILED) == (lab.READY, lab.DONE, lab.INSMOD_FAILED)
-    assert linux_guest.FILES == lab.FILES
-    assert f"/{linux_guest.GUEST_DIR}" == lab.TESTBED_DIR and f"/{linux_guest.MISSING_NOTE}" == lab.TESTBED_MISSING
     # and the host's sh reads it (the guest's is busybox's ash, a POSIX shell too)
     (tmp_path / "init").write_text(script)
     assert subprocess.run(["sh", "-n", str(tmp_path / "init")]).returncode == 0

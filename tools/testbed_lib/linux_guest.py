@@ -48,16 +48,17 @@ from .apt import extract, read_member
 from .errors import TestbedError
 from .log import clock, info, since
 
-# Where the testbed puts the guest in its own root file system, and the note that replaces it.
-GUEST_DIR = "opt/kvmits/linux-guest"
-MISSING_NOTE = "opt/kvmits/linux-guest.missing"
-FILES = ("Image", "initramfs.cpio", "release")
+# The guest's contract -- where the testbed puts it (and the note that replaces it), its files,
+# /init's console markers -- has one definition, kvmits.lab.linux_guest, which parses what this
+# builds. It imports only kvmits.errors and kvmits.newc (standard library), and `from . import
+# newc` above has put this source tree on sys.path.
+from kvmits.lab.linux_guest import DONE, FILES, INSMOD_FAILED, READY  # noqa: E402
+from kvmits.lab.linux_guest import TESTBED_DIR, TESTBED_MISSING  # noqa: E402
+
+GUEST_DIR = TESTBED_DIR.lstrip("/")
+MISSING_NOTE = TESTBED_MISSING.lstrip("/")
 # The drivers the guest loads: virtio over PCI, its block device and its entropy source.
 ROOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_rng")
-# Console markers of /init (kvmits.lab.linux_guest parses them; a host test checks both agree).
-READY = "KVMITS-GUEST-READY"
-DONE = "KVMITS-GUEST-DONE"
-INSMOD_FAILED = "KVMITS-GUEST-INSMOD-FAILED"
 MODULES_DIR = "lib/modules"
 # Bump when what a guest is made of changes in a way the recipe cannot see.
 FORMAT = 1
