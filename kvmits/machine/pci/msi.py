@@ -44,8 +44,6 @@ class MsiRouter:
         self._device: dict[tuple[int, int], tuple[int, int]] = {}     # key -> (gsi, users)
         self._free = list(gsis)                                          # popped from the top
         self._efds: dict = {}                                           # key -> EventFd
-        #: KVM_SET_GSI_ROUTING calls made for device vectors
-        self.updates = 0
 
     # -- users' routes (Machine.set_msi_routes) -------------------------------------------------
     def set_user(self, table: Mapping[tuple[int, int], int]) -> dict:
@@ -106,7 +104,6 @@ class MsiRouter:
                 return
             if old is not None:
                 self._release(old)
-            self.updates += 1
             try:
                 if new is not None:
                     self._acquire(new)
