@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from kvmits import uapi
 from kvmits.bench import x86guest
-from kvmits.kvm import MmioExit
 from kvmits.machine.devices.virtio.ioevents import QueueNotifier
 from kvmits.machine.devices.virtio.pci import NotifyAddress
+from tests.test_kvm_x86 import _run_round_trip as run_round_trip
 
 pytestmark = pytest.mark.kvm
 TIMEOUT = 10
@@ -39,16 +38,7 @@ class FakeFunction:
 
 def run_to_hlt(vcpu):
     """The MMIO writes that exited to userspace before the guest's HLT."""
-    writes = []
-    while True:
-        ex = vcpu.run()
-        if not isinstance(ex, MmioExit):
-            assert ex.reason == uapi.KVM_EXIT_HLT
-            return writes
-        if ex.is_write:
-            writes.append(ex.phys_addr)
-        else:
-            vcpu.complete_mmio_read(41)
+    return [addr for addr, is_write, _ in run_round_trip(vcpu) if is_write]
 
 
 @pytest.fixture
