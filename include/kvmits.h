@@ -64,6 +64,17 @@ int ioctl(int fd, unsigned long request, ...);
 #define KVM_SYSTEM_EVENT_WAKEUP 4
 #define KVM_SYSTEM_EVENT_SUSPEND 5
 
+/* KVM_GET/SET_ONE_REG ids: the register's size in bytes is 1 << ((id & KVM_REG_SIZE_MASK) >>
+ * KVM_REG_SIZE_SHIFT) (api.rst, 4.68 KVM_SET_ONE_REG) */
+#define KVM_REG_SIZE_SHIFT 52
+#define KVM_REG_SIZE_MASK 0x00f0000000000000
+
+/* kvm_mp_state.mp_state (api.rst, 4.38 KVM_GET_MP_STATE): arm64 uses RUNNABLE, STOPPED
+ * (powered off by PSCI or KVM_ARM_VCPU_POWER_OFF) and SUSPENDED */
+#define KVM_MP_STATE_RUNNABLE 0
+#define KVM_MP_STATE_STOPPED 5
+#define KVM_MP_STATE_SUSPENDED 10
+
 /* kvm_userspace_memory_region.flags */
 #define KVM_MEM_LOG_DIRTY_PAGES 1
 #define KVM_MEM_READONLY 2
@@ -159,6 +170,16 @@ struct kvm_msi {
     uint32_t flags;
     uint32_t devid;
     uint8_t pad[12];
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+/* KVM_GET_REG_LIST: n in, the count out (E2BIG and the count when n is too small) */
+struct kvm_reg_list {
+    uint64_t n;
+    uint64_t reg[];
 };
 
 struct kvm_one_reg {
@@ -283,6 +304,11 @@ struct kvm_run {
 #define KVM_DEV_ARM_ITS_RESTORE_TABLES 2
 #define KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES 3
 #define KVM_DEV_ARM_ITS_CTRL_RESET 4
+/* GRP_LEVEL_INFO attributes: mpidr in 63:32, info in 31:10 (VGIC_LEVEL_INFO_LINE_LEVEL), the
+ * first of 32 vINTIDs in 9:0 (arm-vgic-v3.rst, KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO) */
+#define KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT 10
+#define KVM_DEV_ARM_VGIC_LINE_LEVEL_INTID_MASK 0x3ff
+#define VGIC_LEVEL_INFO_LINE_LEVEL 0
 #define KVM_VGIC_V3_ADDR_TYPE_DIST 2
 #define KVM_VGIC_V3_ADDR_TYPE_REDIST 3
 #define KVM_VGIC_ITS_ADDR_TYPE 4

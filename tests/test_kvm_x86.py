@@ -168,3 +168,37 @@ def test_ioeventfd_deassign_and_errors_name_the_ioctl(x86_kvm):
             vm.ioeventfd(efd, x86guest.MMIO, 3)                     # lengths are 0, 1, 2, 4, 8
         assert info.value.errno == errno.EINVAL and "len=3" in str(info.value)
         ram.close()
+
+
+def test_mp_state_round_trips_and_a_refused_state_names_the_ioctl(x86_kvm):
+    """KVM_GET/SET_MP_STATE, the vCPU power state a snapshot carries (issue 13). Without an
+    in-kernel local APIC, x86 KVM accepts only RUNNABLE (x86.c, kvm_arch_vcpu_ioctl_set_mpstate)."""
+    with x86_kvm.create_vm() as vm:
+        vcpu, ram = x86guest.boot(vm, x86guest.ROUND_TRIP)
+        assert vcpu.get_mp_state() == uapi.KVM_MP_STATE_RUNNABLE
+        vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+        with pytest.raises(KvmError) as info:
+            vcpu.set_mp_state(3)                   # KVM_MP_STATE_HALTED needs the in-kernel LAPIC
+        assert info.value.ioctl == "KVM_SET_MP_STATE" and info.value.errno == errno.EINVAL
+        assert "mp_state=3" in str(info.value)
+
+
+def test_one_reg_of_any_size_and_reg_list_errors(x86_kvm):
+    """Vcpu.reg_size reads KVM_REG_SIZE; get_reg_bytes/set_reg_bytes check the length before
+    any ioctl, and an id KVM does not know is the ioctl's error. KVM_GET_REG_LIST is arm64's
+    (tested in the testbed); older x86 KVM refuses it, and the error names it."""
+    assert Vcpu.reg_size(uapi.KVM_REG_ARM64 | uapi.KVM_REG_SIZE_U64 | 1) == 8
+    assert Vcpu.reg_size(0x0040000000000000) == 16           # KVM_REG_SIZE_U128
+    with x86_kvm.create_vm() as vm:
+        vcpu, ram = x86guest.boot(vm, x86guest.ROUND_TRIP)
+        with pytest.raises(ValueError, match="has 8 bytes, not 4"):
+            vcpu.set_reg_bytes(uapi.KVM_REG_SIZE_U64, b"\0" * 4)
+        try:
+            ids = vcpu.reg_list()
+        except KvmError as e:                     # before x86 KVM had one-reg ids (6.1's)
+            assert e.ioctl == "KVM_GET_REG_LIST", e
+        else:                                     # newer x86 KVM lists its one-reg ids (6.18: none)
+            assert all(len(vcpu.get_reg_bytes(i)) == Vcpu.reg_size(i) for i in ids)
+        with pytest.raises(KvmError) as info:
+            vcpu.get_reg_bytes(uapi.KVM_REG_ARM64 | uapi.KVM_REG_SIZE_U64 | 1)
+        assert info.value.ioctl == "KVM_GET_ONE_REG" and "id=0x6030000000000001" in str(info.value)

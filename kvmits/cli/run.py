@@ -69,15 +69,18 @@ def register(subparsers) -> None:
                     "vGICv3 (and ITS). The PL011 console goes to stdout, stdin to the UART. Exit status: 0 guest "
                     "powered off, 3 guest reset, 4 guest crash, 1 VMM error, 2 bad arguments, 124 timeout, "
                     "130 interrupted, 143 terminated (SIGTERM).")
-    p.add_argument("image", help="guest image file")
-    p.add_argument("--cpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--mem", type=parse_size, default=128 << 20, metavar="SIZE",
-                   help="RAM size, a multiple of 2M (default 128M)")
+    p.add_argument("image", nargs="?", help="guest image file (not with --restore)")
+    p.add_argument("--restore", metavar="FILE",
+                   help="resume the VM saved in snapshot FILE (the control socket's `save`) instead of booting "
+                        "an image; --its picks the ITS to resume it on (default: the saved one)")
+    p.add_argument("--cpus", type=_positive_int, help="number of vCPUs (default 1; with --restore: must match)")
+    p.add_argument("--mem", type=parse_size, metavar="SIZE",
+                   help="RAM size, a multiple of 2M (default 128M; with --restore: must match)")
     p.add_argument("--append", default=DEFAULT_APPEND, metavar="ARGS",
                    help=f"kernel command line, in the device tree's /chosen/bootargs (default {DEFAULT_APPEND!r})")
     p.add_argument("--initrd", metavar="FILE", help="initrd / initramfs to load after the device tree")
-    p.add_argument("--its", choices=(*ITS_KINDS, "none"), default="kernel",
-                   help="the ITS: in-kernel (default), another kind kvmits.machine offers, or none")
+    p.add_argument("--its", choices=(*ITS_KINDS, "none"),
+                   help="the ITS: in-kernel (the default for an image), another kind kvmits.machine offers, or none")
     p.add_argument("--kind", choices=("auto", "raw", "linux"), default="auto",
                    help="image kind; auto: a Linux Image if its header says so (gzip allowed), else raw")
     p.add_argument("--agent", action="store_true", help="map the guest agent's mailbox at 0x0A000000")
@@ -87,7 +90,7 @@ def register(subparsers) -> None:
     p.add_argument("--rng", action="store_true", help="a virtio-rng device on the PCIe bus (needs an ITS)")
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH while the VM runs: `kvmits its dump|translate "
-                        "--connect PATH` reads its ITS")
+                        "--connect PATH` reads its ITS; its `save` request writes a snapshot")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop the guest after this long (exit status 124)")
     p.set_defaults(func=run)
@@ -133,8 +136,15 @@ def _run(args) -> int:
     from kvmits.machine import Machine, MachineConfig
     from kvmits.machine.loader import ImageError
 
+    its = None if args.its == "none" else args.its
+    if args.restore is not None:
+        return _restore(args, its)
+    if args.image is None:
+        print("kvmits run: an IMAGE to boot, or --restore FILE", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        config = MachineConfig(cpus=args.cpus, mem_size=args.mem, its=None if args.its == "none" else args.its,
+        config = MachineConfig(cpus=args.cpus or 1, mem_size=args.mem or 128 << 20,
+                               its="kernel" if args.its is None else its,
                                agent=args.agent, disks=tuple(args.disk), rng=args.rng)
     except ValueError as exc:
         print(f"kvmits run: {exc}", file=sys.stderr)
@@ -158,22 +168,56 @@ def _run(args) -> int:
         except (ImageError, OSError) as exc:
             print(f"kvmits run: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if sys.stdin is not None and not sys.stdin.closed:
-            threading.Thread(target=_feed_stdin, args=(machine.uart,), name="stdin", daemon=True).start()
-        control = None
-        if args.control:
-            from kvmits.machine.control import ControlServer, machine_handlers
+        return _serve(machine, args, console)
 
-            try:
-                control = ControlServer(args.control, machine_handlers(machine))
-            except KvmitsError as exc:
-                print(f"kvmits run: {exc}", file=sys.stderr)
-                return EXIT_USAGE
+
+def _restore(args, its) -> int:
+    """`--restore FILE`: the saved VM in a new one, ITS kind `its` (None: the saved kind)."""
+    from kvmits.errors import KvmitsError
+    from kvmits.machine import Machine
+
+    if args.image is not None or args.initrd or args.disk or args.rng or args.agent:
+        print("kvmits run: --restore takes the machine from the file: no IMAGE, --initrd, --disk, --rng or --agent",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.its == "none":
+        print("kvmits run: --restore keeps the saved machine's ITS, of this kind or the other: not --its none",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isfile(args.restore):
+        print(f"kvmits run: {args.restore}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    expect = {k: v for k, v in (("cpus", args.cpus), ("mem_size", args.mem)) if v is not None}
+    console = sys.stdout.buffer
+    try:
+        machine = Machine.restore(args.restore, its=its, console=console, expect=expect)
+    except KvmitsError as exc:
+        print(f"kvmits run: cannot restore {args.restore}: {exc}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    with machine:
+        return _serve(machine, args, console)
+
+
+def _serve(machine, args, console) -> int:
+    """stdin to the UART, the control socket, and the run until the guest ends."""
+    from kvmits.errors import KvmitsError
+
+    if sys.stdin is not None and not sys.stdin.closed:
+        threading.Thread(target=_feed_stdin, args=(machine.uart,), name="stdin", daemon=True).start()
+    control = None
+    if args.control:
+        from kvmits.machine.control import ControlServer, machine_handlers
+
         try:
-            return _run_until_exit(machine, args, console)
-        finally:
-            if control is not None:
-                control.close()
+            control = ControlServer(args.control, machine_handlers(machine))
+        except KvmitsError as exc:
+            print(f"kvmits run: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return _run_until_exit(machine, args, console)
+    finally:
+        if control is not None:
+            control.close()
 
 
 def _run_until_exit(machine, args, console) -> int:

@@ -17,6 +17,7 @@ _GRP_REDIST_REGS = uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS
 _GRP_CPU_SYSREGS = uapi.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS
 _GRP_NR_IRQS = uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS
 _GRP_CTRL = uapi.KVM_DEV_ARM_VGIC_GRP_CTRL
+_GRP_LEVEL_INFO = uapi.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO
 
 #: GICD is one 64 KiB frame (IHI 0069 12.8)
 GICD_SIZE = 0x10000
@@ -117,6 +118,27 @@ class VGicV3:
         """A 64-bit redistributor register (GICR_TYPER, GICR_PROPBASER, ...) as its two words,
         which is how arm-vgic-v3.rst says 64-bit registers are accessed. vCPUs paused."""
         return self.get_redist_reg(mpidr, offset) | (self.get_redist_reg(mpidr, offset + 4) << 32)
+
+    def set_redist_reg64(self, mpidr: int, offset: int, value: int) -> None:
+        """A 64-bit redistributor register written as its two words, low first. vCPUs paused."""
+        self.set_redist_reg(mpidr, offset, value & 0xFFFF_FFFF)
+        self.set_redist_reg(mpidr, offset + 4, value >> 32)
+
+    def _level_attr(self, mpidr: int, intid: int) -> int:
+        if intid % 32 or not 0 <= intid <= uapi.KVM_DEV_ARM_VGIC_LINE_LEVEL_INTID_MASK:
+            raise ValueError(f"line levels come 32 at a time from a multiple of 32, not INTID {intid}")
+        return (mpidr_to_vgic_attr(mpidr) | uapi.VGIC_LEVEL_INFO_LINE_LEVEL << uapi.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT
+                | intid)
+
+    def get_line_levels(self, mpidr: int, intid: int) -> int:
+        """KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO: the input line level of the 32 interrupts from
+        `intid` (a multiple of 32; bit n is INTID intid + n), as the devices drive them, which
+        the pending state of a level-sensitive interrupt does not tell. `mpidr` names the vCPU
+        for private interrupts. vCPUs paused."""
+        return self.device.get_attr(_GRP_LEVEL_INFO, self._level_attr(mpidr, intid), width=4)
+
+    def set_line_levels(self, mpidr: int, intid: int, levels: int) -> None:
+        self.device.set_attr(_GRP_LEVEL_INFO, self._level_attr(mpidr, intid), levels, width=4)
 
     def get_cpu_sysreg(self, mpidr: int, reg: SysReg) -> int:
         """KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS read of ICC_* register `reg` (kvmits.gic.regs) of the

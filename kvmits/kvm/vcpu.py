@@ -200,6 +200,54 @@ class Vcpu:
         self._reg[0] = value
         ioctl(self.fd, "KVM_SET_ONE_REG", self._one_reg, detail=f"id={reg_id:#x}")
 
+    @staticmethod
+    def reg_size(reg_id: int) -> int:
+        """The size in bytes of register `reg_id` (its KVM_REG_SIZE field)."""
+        return 1 << ((reg_id & uapi.KVM_REG_SIZE_MASK) >> uapi.KVM_REG_SIZE_SHIFT)
+
+    def get_reg_bytes(self, reg_id: int) -> bytes:
+        """KVM_GET_ONE_REG of a register of any size (the arm64 FP/SIMD V registers are 128-bit)."""
+        buf = ffi.new("uint8_t[]", self.reg_size(reg_id))
+        arg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": address_of(buf)})
+        ioctl(self.fd, "KVM_GET_ONE_REG", arg, detail=f"id={reg_id:#x}")
+        return bytes(ffi.buffer(buf))
+
+    def set_reg_bytes(self, reg_id: int, data: bytes) -> None:
+        size = self.reg_size(reg_id)
+        if len(data) != size:
+            raise ValueError(f"register {reg_id:#x} has {size} bytes, not {len(data)}")
+        buf = ffi.new("uint8_t[]", data)
+        arg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": address_of(buf)})
+        ioctl(self.fd, "KVM_SET_ONE_REG", arg, detail=f"id={reg_id:#x}")
+
+    def reg_list(self) -> list[int]:
+        """KVM_GET_REG_LIST: the id of every register KVM_GET/SET_ONE_REG moves for this vCPU
+        (arm64: core, FP/SIMD, system registers, timers, firmware pseudo-registers). Asked once
+        with n = 0 for the count (E2BIG), then with room for it."""
+        probe = ffi.new("struct kvm_reg_list *")
+        try:
+            ioctl(self.fd, "KVM_GET_REG_LIST", probe)
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        n = probe.n
+        # a flexible array member: the header and n ids in one block (`block` keeps it alive)
+        block = ffi.new("uint64_t[]", 1 + n)
+        full = ffi.cast("struct kvm_reg_list *", block)
+        full.n = n
+        ioctl(self.fd, "KVM_GET_REG_LIST", full, detail=f"n={n}")
+        return list(block[1:1 + full.n])
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: uapi.KVM_MP_STATE_* (arm64: RUNNABLE, STOPPED, SUSPENDED)."""
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}),
+              detail=f"mp_state={mp_state}")
+
     # arm64
     def arm_init(self, features=(uapi.KVM_ARM_VCPU_PSCI_0_2,), target: int | None = None) -> None:
         """KVM_ARM_VCPU_INIT with the VM's preferred target and the given feature bit numbers."""

@@ -168,4 +168,11 @@ def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
         kind = machine.its.kind if machine.its is not None else None
         return {"cpus": machine.config.cpus, "its": kind, "pid": os.getpid()}
 
-    return {"its-dump": its_dump, "its-translate": its_translate, "info": info}
+    def save(req: dict) -> dict:
+        path = req.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"save needs a file path, not {path!r}")
+        info = machine.save(path)                 # pauses the vCPUs for the capture and write
+        return info._asdict()
+
+    return {"its-dump": its_dump, "its-translate": its_translate, "info": info, "save": save}

@@ -49,6 +49,8 @@ from kvmits.machine.pci.host import PciHost
 from kvmits.machine.pci.msi import MsiRouter
 from kvmits.machine.its import ITS_IMPLEMENTATIONS, ITS_KINDS, MachineIts, require_its
 from kvmits.machine.runner import MachineExit, VcpuRunner
+from kvmits.machine import state
+from kvmits.machine.snapshot import SnapshotInfo
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ class Machine:
         self.msi: MsiRouter | None = None
         #: name -> PciSlot of each PCI device
         self.pci_devices: dict[str, PciSlot] = {}
+        #: the machine holds a restored state (kvmits.machine.state.apply): start() resumes it
+        self.restored = False
         self._closed = False
         try:
             self._build(console)
@@ -247,8 +251,8 @@ class Machine:
         """Load a guest image ("raw", "linux" or "auto"), build and place the device tree (with
         `cmdline` as bootargs, and the initrd's range), and point vCPU 0 at the entry with
         x0 = the device tree's address. Returns where everything went (kvmits.machine.loader)."""
-        if self.runner.started:
-            raise RuntimeError("load() after start()")
+        if self.runner.started or self.restored:
+            raise RuntimeError("load() after start() or on a restored machine")
         data = _read(image)
         initrd_data = None if initrd is None else _read(initrd)
         placed = place_image(self.memmap.ram, data, kind)
@@ -274,8 +278,8 @@ class Machine:
     # -- running -------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the vCPU threads (from the main thread, or after install_kick_handler())."""
-        if self.boot is None:
-            raise RuntimeError("nothing loaded: call load() first")
+        if self.boot is None and not self.restored:
+            raise RuntimeError("nothing loaded: call load() (or restore a state) first")
         self.runner.start()
 
     def wait(self, timeout: float | None = None) -> MachineExit:
@@ -363,6 +367,24 @@ class Machine:
                 return False
             raise
         return True
+
+    # -- save / restore (kvmits.machine.state) -------------------------------------------------------
+    def save(self, path) -> SnapshotInfo:
+        """Write the machine's state to the snapshot file `path`, the vCPUs paused meanwhile
+        (kvmits.machine.state.save_file). It keeps running afterwards."""
+        return state.save_file(self, path)
+
+    @classmethod
+    def restore(cls, source, *, its: str | None = None, console: BinaryIO | None = None,
+                expect: dict | None = None, kvm: Kvm | None = None) -> Machine:
+        """A new machine holding `source` (a snapshot file's path, or a MachineState from
+        state.capture()), not started: start() resumes the guest. `its`: restore into this ITS
+        kind (default: the saved one). `expect`: configuration values the state must have."""
+        if isinstance(source, state.MachineState):
+            return state.restore(source, its=its, console=console, kvm=kvm, expect=expect)
+        saved, snap = state.read_file(source)
+        with snap:
+            return state.restore(saved, its=its, console=console, kvm=kvm, expect=expect)
 
     # -- lifetime --------------------------------------------------------------------------------------
     def close(self) -> None:

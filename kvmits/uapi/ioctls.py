@@ -46,9 +46,12 @@ IOCTLS: dict[str, tuple[int, int, str | None, str]] = {
     "KVM_SET_REGS": (_IOC_WRITE, 0x82, "struct kvm_regs", "x86"),
     "KVM_GET_SREGS": (_IOC_READ, 0x83, "struct kvm_sregs", "x86"),
     "KVM_SET_SREGS": (_IOC_WRITE, 0x84, "struct kvm_sregs", "x86"),
+    "KVM_GET_MP_STATE": (_IOC_READ, 0x98, "struct kvm_mp_state", "generic"),
+    "KVM_SET_MP_STATE": (_IOC_WRITE, 0x99, "struct kvm_mp_state", "generic"),
     "KVM_GET_ONE_REG": (_IOC_WRITE, 0xAB, "struct kvm_one_reg", "generic"),
     "KVM_SET_ONE_REG": (_IOC_WRITE, 0xAC, "struct kvm_one_reg", "generic"),
     "KVM_ARM_VCPU_INIT": (_IOC_WRITE, 0xAE, "struct kvm_vcpu_init", "arm64"),
+    "KVM_GET_REG_LIST": (_IOC_READ | _IOC_WRITE, 0xB0, "struct kvm_reg_list", "generic"),
     # device fd
     "KVM_SET_DEVICE_ATTR": (_IOC_WRITE, 0xE1, "struct kvm_device_attr", "generic"),
     "KVM_GET_DEVICE_ATTR": (_IOC_WRITE, 0xE2, "struct kvm_device_attr", "generic"),

@@ -27,8 +27,9 @@ def test_options():
     assert (args.image, args.cpus, args.mem, args.append, args.initrd, args.its, args.kind, args.timeout) == (
         "guest.bin", 4, 256 << 20, "quiet", "rd.cpio", "none", "raw", 5.0)
     defaults = build_parser().parse_args(["run", "g"])
-    assert (defaults.cpus, defaults.mem, defaults.its, defaults.kind, defaults.append) == (
-        1, 128 << 20, "kernel", "auto", "console=ttyAMA0 earlycon")
+    # unset, so that --restore can tell "as saved" from an explicit value (booting: 1, 128M, kernel)
+    assert (defaults.cpus, defaults.mem, defaults.its, defaults.kind, defaults.append, defaults.restore) == (
+        None, None, None, "auto", "console=ttyAMA0 earlycon", None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "g", "--its", "hidden"])
 
@@ -70,3 +71,18 @@ def test_pci_devices_without_an_its_are_a_usage_error(capsys, tmp_path):
     disk.write_bytes(bytes(512))
     assert main(["run", "g", "--its", "none", "--disk", str(disk)]) == 2
     assert "need an ITS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run"], "an IMAGE to boot, or --restore FILE"),
+    (["run", "g.bin", "--restore", "vm.snap"], "--restore takes the machine from the file"),
+    (["run", "--restore", "vm.snap", "--rng"], "--restore takes the machine from the file"),
+    (["run", "--restore", "vm.snap", "--its", "none"], "not --its none"),
+    (["run", "--restore", "/nonexistent/vm.snap"], "/nonexistent/vm.snap: no such file"),
+])
+def test_restore_usage_errors_come_before_any_vm(argv, message, capsys):
+    """--restore's mistakes are usage errors (2), named before KVM is touched (on this x86 host
+    a VM would fail for another reason first)."""
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    assert message in capsys.readouterr().err

@@ -94,8 +94,8 @@ def probe(kvm=None) -> KernelItsBehaviour:
         machine.vm.add_memory(scratch)
         base = scratch.gpa
         mpidr = machine.mpidrs[0]
-        _set_redist_reg64(machine.gic, mpidr, GICR_PROPBASER, base + PROP_OFFSET | GICR_BASER_ATTRS | (ID_BITS - 1))
-        _set_redist_reg64(machine.gic, mpidr, GICR_PENDBASER, base + PEND_OFFSET | GICR_BASER_ATTRS)
+        machine.gic.set_redist_reg64(mpidr, GICR_PROPBASER, base + PROP_OFFSET | GICR_BASER_ATTRS | (ID_BITS - 1))
+        machine.gic.set_redist_reg64(mpidr, GICR_PENDBASER, base + PEND_OFFSET | GICR_BASER_ATTRS)
         its = machine.its.device
         engine = HiddenIts(machine.vm, its, scratch, 1)
         engine.program()
@@ -130,13 +130,6 @@ def probe(kvm=None) -> KernelItsBehaviour:
     for line in found.differences():
         log.warning("ITS probe: %s", line)
     return found
-
-
-def _set_redist_reg64(gic, mpidr: int, offset: int, value: int) -> None:
-    # 64-bit redistributor registers go through the attribute interface as two words
-    # (Documentation/virt/kvm/devices/arm-vgic-v3.rst)
-    gic.set_redist_reg(mpidr, offset, value & 0xFFFF_FFFF)
-    gic.set_redist_reg(mpidr, offset + 4, value >> 32)
 
 
 def _saved(its, mem) -> abi.TablesContent:

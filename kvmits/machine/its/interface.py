@@ -23,8 +23,13 @@ What both answer (the methods below), and how each answers it:
 | snapshot / translate | decoded KVM_DEV_ARM_ITS_SAVE_TABLES          | the model, live                        |
 | saved_tables         | KVM_DEV_ARM_ITS_SAVE_TABLES, decoded         | the model's save_tables(), decoded     |
 | lpi_vcpu             | None: no interface reads it                  | the hidden ITS's record                |
+| save_state           | KVM_DEV_ARM_ITS_SAVE_TABLES, GITS_* attrs    | the model's save_tables(), its GITS_*  |
+| restore_state        | GITS_* attrs, KVM_DEV_ARM_ITS_RESTORE_TABLES | the model's restore_tables(), and the  |
+|                      |                                              | hidden ITS rebuilt from the mappings   |
 
-Save/restore of a running VM (issue 13) adds its calls here, both implementations at once.
+A saved ITS (save_state) is the same for both kinds, so either restores the other's: the tables
+in guest RAM in KVM's ITS table ABI rev 0, and the GITS registers below. Pending LPIs are not
+the ITS's: they travel in the redistributors' pending tables (kvmits.machine.state).
 """
 
 from __future__ import annotations
@@ -37,7 +42,45 @@ from kvmits.errors import KvmitsError
 from kvmits.its import abi
 from kvmits.its.model import Translation
 from kvmits.its.query import ItsSnapshot, translation_to_json
-from kvmits.its.registers import GITS_TRANSLATER
+from kvmits.its.registers import (
+    GITS_BASER, GITS_BASER_COUNT, GITS_CBASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER, GITS_IIDR, GITS_TRANSLATER,
+)
+
+#: the GITS registers a saved ITS carries, in the order arm-vgic-its.rst ("ITS Restore Sequence")
+#: restores them: GITS_IIDR first (it selects the table ABI), GITS_CBASER before GITS_CREADR (a
+#: CBASER write resets CREADR), the GITS_BASER<n> before the tables are read back, and GITS_CTLR
+#: last, after KVM_DEV_ARM_ITS_RESTORE_TABLES (enabling runs the commands still queued)
+SAVED_REGISTERS: tuple[tuple[str, int], ...] = (
+    ("GITS_IIDR", GITS_IIDR), ("GITS_CBASER", GITS_CBASER), ("GITS_CREADR", GITS_CREADR),
+    ("GITS_CWRITER", GITS_CWRITER), *((f"GITS_BASER{n}", GITS_BASER(n)) for n in range(GITS_BASER_COUNT)),
+    ("GITS_CTLR", GITS_CTLR),
+)
+ITS_STATE_FORMAT = "kvmits-its"
+ITS_STATE_VERSION = 1
+
+
+class ItsStateError(KvmitsError, ValueError):
+    """A saved ITS state that cannot be restored: malformed, or refused by the ITS (the kernel's
+    error or the model's, with the step that failed)."""
+
+
+def parse_its_state(state) -> dict[str, int]:
+    """The registers of a save_state() dict, validated: name -> value, every one of
+    SAVED_REGISTERS present and a 64-bit integer. ItsStateError otherwise."""
+    if not isinstance(state, dict) or state.get("format") != ITS_STATE_FORMAT:
+        raise ItsStateError(f"ITS state: not a {ITS_STATE_FORMAT!r} dict")
+    if state.get("version") != ITS_STATE_VERSION:
+        raise ItsStateError(f"ITS state: version {state.get('version')!r}, this kvmits reads {ITS_STATE_VERSION}")
+    regs = state.get("registers")
+    if not isinstance(regs, dict):
+        raise ItsStateError("ITS state: 'registers' missing")
+    out = {}
+    for name, _offset in SAVED_REGISTERS:
+        value = regs.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+            raise ItsStateError(f"ITS state: {name} must be a 64-bit integer, got {value!r}")
+        out[name] = value
+    return out
 
 
 class NoItsError(KvmitsError):
@@ -131,6 +174,19 @@ class MachineIts(abc.ABC):
         state does not show them (the kernel's saved tables)."""
 
     @abc.abstractmethod
+    def save_state(self) -> dict:
+        """The ITS as a migration carries it, vCPUs paused by the caller: its tables written
+        into guest RAM (table ABI rev 0; the caller copies RAM afterwards) and the GITS registers
+        (SAVED_REGISTERS). JSON-able: {"format", "version", "kind", "registers": {name: value}}."""
+
+    @abc.abstractmethod
+    def restore_state(self, state: dict) -> None:
+        """Apply a save_state() dict of either kind, on a machine no vCPU of which has run yet,
+        after guest RAM and the redistributors (GICR_PROPBASER/PENDBASER, EnableLPIs) are back:
+        the registers and the tables in SAVED_REGISTERS' order. ItsStateError naming the step
+        if the state is malformed or the ITS refuses it."""
+
+    @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters of the implementation's own cost (the userspace ITS's vCPU stops, hidden
         ITS kicks, slow-path MSIs); empty for the kernel's ITS."""
@@ -145,6 +201,10 @@ class MachineIts(abc.ABC):
         """After the VM closed: what is left (memory behind slots)."""
 
     # -- built on the calls above ------------------------------------------------------------------
+    def _state(self, registers: Mapping[str, int]) -> dict:
+        return {"format": ITS_STATE_FORMAT, "version": ITS_STATE_VERSION, "kind": self.kind,
+                "registers": {name: registers[name] for name, _offset in SAVED_REGISTERS}}
+
     def translation_report(self, devid: int, eventid: int) -> dict:
         """translate() as `kvmits its translate` reports it: the Translation as JSON, which ITS
         answered ("its"), the other (DeviceID, EventID) mapping the same LPI ("shared_with"),

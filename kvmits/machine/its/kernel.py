@@ -17,7 +17,8 @@ from kvmits.its import abi
 from kvmits.its.model import Translation
 from kvmits.its.query import SOURCE_SAVE_TABLES, ItsSnapshot
 from kvmits.its.registers import GITS_BASER, GITS_CTLR, GITS_CTLR_ENABLED
-from kvmits.machine.its.interface import MachineIts
+from kvmits.errors import KvmError
+from kvmits.machine.its.interface import SAVED_REGISTERS, ItsStateError, MachineIts, parse_its_state
 from kvmits.machine.its.routes import MsiRoutes
 
 
@@ -87,6 +88,26 @@ class KernelMachineIts(MachineIts):
 
     def orphaned_ites(self) -> None:
         return None          # the saved tables do not show them (abi: an orphan saves as no ITE)
+
+    def save_state(self) -> dict:
+        # SAVE_TABLES first: it writes guest RAM, which the caller copies after this returns
+        self.device.save_tables()
+        return self._state({name: self.device.get_reg(offset) for name, offset in SAVED_REGISTERS})
+
+    def restore_state(self, state: dict) -> None:
+        regs = parse_its_state(state)
+        # GITS_CREADR's bit 0 (Stalled) is not an offset: KVM's uaccess takes the offset only
+        steps = [(name, offset, regs[name]) for name, offset in SAVED_REGISTERS if name != "GITS_CTLR"]
+        try:
+            for name, offset, value in steps:
+                step = f"{name} = {value:#x}"
+                self.device.set_reg(offset, value)
+            step = "KVM_DEV_ARM_ITS_RESTORE_TABLES"
+            self.device.restore_tables()
+            step = f"GITS_CTLR = {regs['GITS_CTLR']:#x}"
+            self.device.set_reg(GITS_CTLR, regs["GITS_CTLR"])
+        except KvmError as e:
+            raise ItsStateError(f"the kernel's ITS refused the restore at {step}: {e}") from e
 
     def stats(self) -> dict[str, int]:
         return {}

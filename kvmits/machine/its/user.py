@@ -33,10 +33,13 @@ from kvmits.its.commands import CommandRecord, decode_command
 from kvmits.its.model import ItsModel, Translation
 from kvmits.its.interfaces import Redistributors
 from kvmits.its.query import ItsSnapshot, model_snapshot
-from kvmits.its.registers import GITS_BASER, GITS_CREADR, GITS_CTLR, GITS_CWRITER, ITS_TRANSLATION_FRAME
+from kvmits.its.registers import (
+    GITS_BASER, GITS_BASER_COUNT, GITS_CREADR, GITS_CREADR_STALLED, GITS_CTLR, GITS_CTLR_ENABLED, GITS_CWRITER,
+    GITS_IIDR, ITS_TRANSLATION_FRAME,
+)
 from kvmits.kvm import GuestMemory
 from kvmits.machine.its.hidden import HiddenIts
-from kvmits.machine.its.interface import MachineIts
+from kvmits.machine.its.interface import SAVED_REGISTERS, ItsStateError, MachineIts, parse_its_state
 from kvmits.machine.its.routes import UserMsiRoutes
 
 log = logging.getLogger(__name__)
@@ -247,6 +250,47 @@ class UserMachineIts(MachineIts):
     def orphaned_ites(self) -> tuple[tuple[int, int], ...]:
         with self.lock:
             return self.model.orphaned_ites()
+
+    def save_state(self) -> dict:
+        with self.lock:
+            model = self.model
+            model.save_tables()          # the tables into guest RAM, as KVM's SAVE_TABLES
+            return self._state({name: model.mmio_read(offset, 4 if offset in (GITS_CTLR, GITS_IIDR) else 8)
+                                for name, offset in SAVED_REGISTERS})
+
+    def restore_state(self, state: dict) -> None:
+        """The model from the registers and the tables in guest RAM (what KVM's uaccess and
+        RESTORE_TABLES do, in the same order), then the hidden ITS from the model's mappings.
+        Only the model's own checks apply: the model was configured as the running kernel's
+        ITS (kvmits.machine.its.behaviour), so it refuses what that kernel refuses."""
+        regs = parse_its_state(state)
+        model, hidden = self.model, self.hidden
+        iidr = model.mmio_read(GITS_IIDR, 4)
+        if regs["GITS_IIDR"] != iidr:
+            # KVM takes the revision (the table ABI); the model has the one ABI, rev 0
+            raise ItsStateError(f"ITS state: GITS_IIDR {regs['GITS_IIDR']:#x}, the model's is {iidr:#x}")
+        creadr = regs["GITS_CREADR"]
+        registers = {"enabled": False, "cbaser": regs["GITS_CBASER"], "cwriter": regs["GITS_CWRITER"] & ~0x1F,
+                     "creadr": creadr & ~0x1F, "stalled": bool(creadr & GITS_CREADR_STALLED),
+                     "queue_invalid": False,
+                     "baser": [regs[f"GITS_BASER{n}"] for n in range(GITS_BASER_COUNT)]}
+        with self.lock:
+            step = "the registers"
+            try:
+                model.load_state({"format": "kvmits-its-model", "version": 1, "registers": registers,
+                                  "devices": {}, "collections": {}, "placeholders": []}, notify_sink=False)
+                self.lpi_limit.refresh()              # the restored GICR_PROPBASER's bound
+                with hidden.batch():
+                    step = "the tables (the model's restore_tables)"
+                    model.restore_tables()            # the sink calls map every ITE on the hidden ITS
+                    step = f"GITS_CTLR = {regs['GITS_CTLR']:#x}"
+                    # enabling processes what is still queued between CREADR and CWRITER, as KVM's does
+                    model.mmio_write(GITS_CTLR, 4, regs["GITS_CTLR"] & GITS_CTLR_ENABLED)
+                hidden.flush()
+            except (ValueError, abi.ItsTableError) as e:
+                raise ItsStateError(f"the userspace ITS refused the restore at {step}: {e}") from e
+            if self.routes is not None:
+                self.routes.compile(model.translate)
 
     def stats(self) -> dict[str, int]:
         hidden, routes = self.hidden, self.routes
