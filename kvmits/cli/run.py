@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 log = logging.getLogger("kvmits.run")
 
@@ -60,6 +61,13 @@ def _disk(text: str):
     return disk
 
 
+def _regex(text: str):
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({exc})") from None
+
+
 def register(subparsers) -> None:
     from kvmits.machine import ITS_KINDS
 
@@ -91,12 +99,20 @@ def register(subparsers) -> None:
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH while the VM runs: `kvmits its dump|translate "
                         "--connect PATH` reads its ITS; its `save` request writes a snapshot")
+    p.add_argument("--migrate-on", metavar="REGEX", type=_regex,
+                   help="migrate the running VM (into a new one, in this process) each time a console line "
+                        "matches REGEX; the control socket's `migrate` does the same on request")
+    p.add_argument("--migrate-its", choices=ITS_KINDS, metavar="KIND",
+                   help="the ITS kind the VM migrates to (default: the same; ITS test suites: the other)")
+    p.add_argument("--then-send", metavar="TEXT",
+                   help="after a --migrate-on migration, feed TEXT to the UART (the key a migration test waits "
+                        "for; \\n and \\r are newline and return)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop the guest after this long (exit status 124)")
     p.set_defaults(func=run)
 
 
-def _feed_stdin(uart) -> None:
+def _feed_stdin(session) -> None:
     from kvmits.errors import KvmitsError
 
     fd = sys.stdin.fileno()
@@ -105,7 +121,7 @@ def _feed_stdin(uart) -> None:
             data = os.read(fd, 4096)
             if not data:
                 return
-            uart.feed(data)
+            session.machine.uart.feed(data)
         except (OSError, KvmitsError):      # stdin closed, or the VM is gone (its IRQ line with it)
             return
 
@@ -149,7 +165,8 @@ def _run(args) -> int:
     except ValueError as exc:
         print(f"kvmits run: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    console = sys.stdout.buffer
+    box: list = []                              # the _Session, once there is one
+    console = _console(args, box)
     try:
         machine = Machine(config, console=console)
     except KvmitsError as exc:
@@ -168,7 +185,7 @@ def _run(args) -> int:
         except (ImageError, OSError) as exc:
             print(f"kvmits run: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _serve(machine, args, console)
+        return _serve(machine, args, console, box)
 
 
 def _restore(args, its) -> int:
@@ -188,55 +205,150 @@ def _restore(args, its) -> int:
         print(f"kvmits run: {args.restore}: no such file", file=sys.stderr)
         return EXIT_USAGE
     expect = {k: v for k, v in (("cpus", args.cpus), ("mem_size", args.mem)) if v is not None}
-    console = sys.stdout.buffer
+    box: list = []
+    console = _console(args, box)
     try:
         machine = Machine.restore(args.restore, its=its, console=console, expect=expect)
     except KvmitsError as exc:
         print(f"kvmits run: cannot restore {args.restore}: {exc}", file=sys.stderr)
         return EXIT_VMM_ERROR
     with machine:
-        return _serve(machine, args, console)
+        return _serve(machine, args, console, box)
 
 
-def _serve(machine, args, console) -> int:
-    """stdin to the UART, the control socket, and the run until the guest ends."""
+class _Session:
+    """The machine `kvmits run` serves, which a live migration replaces (control socket
+    `migrate`, --migrate-on): the control handlers, stdin and the wait follow `machine`."""
+
+    def __init__(self, machine, args):
+        self.machine = machine
+        self.args = args
+        #: held for a whole migration: the wait sees the old machine end, then the new one
+        self.lock = threading.Lock()
+        self.reports: list[dict] = []
+
+    def migrate(self, its: str | None = None) -> dict:
+        from kvmits.machine.migration import migrate
+
+        with self.lock:
+            new, report = migrate(self.machine, its)
+            self.machine = new
+            self.reports.append(report)
+        log.info("migrated to the %s ITS: %.3f s downtime", report["its"][1], report["downtime"])
+        return report
+
+
+class _ConsoleWatch:
+    """The console stream, watched line by line for --migrate-on's REGEX: a match migrates the
+    VM (on a thread of its own: the line arrives on a vCPU thread, which the migration pauses)
+    and then feeds --then-send's text to the new machine's UART."""
+
+    def __init__(self, out, session_box: list, pattern, its, then_send: str | None):
+        self.out = out
+        self.box = session_box
+        self.pattern = pattern
+        self.its = its
+        self.then_send = None if then_send is None else then_send.replace("\\n", "\n").replace("\\r", "\r").encode()
+        self._line = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        for byte in data:
+            if byte == 0x0A:
+                line = self._line.decode(errors="replace").rstrip("\r")
+                self._line.clear()
+                if self.pattern.search(line):
+                    threading.Thread(target=self._migrate, name="migrate", daemon=True).start()
+            elif len(self._line) < 4096:
+                self._line.append(byte)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def _migrate(self) -> None:
+        from kvmits.errors import KvmitsError
+
+        session = self.box[0]
+        try:
+            report = session.migrate(self.its)
+        except (KvmitsError, OSError, TimeoutError) as exc:
+            print(f"\nkvmits run: migration failed: {exc}", file=sys.stderr)
+            return
+        print(f"\nkvmits run: migrated ({report['its'][0]} -> {report['its'][1]} ITS), "
+              f"downtime {report['downtime'] * 1000:.1f} ms", file=sys.stderr)
+        if self.then_send:
+            session.machine.uart.feed(self.then_send)
+
+
+def _console(args, box: list):
+    out = sys.stdout.buffer
+    if args.migrate_on is None:
+        return out
+    return _ConsoleWatch(out, box, args.migrate_on, args.migrate_its, args.then_send)
+
+
+def _serve(machine, args, console, box: list) -> int:
+    """stdin to the UART, the control socket, and the run until the guest ends; the machine
+    may be replaced by migrations meanwhile (the last one is closed here)."""
     from kvmits.errors import KvmitsError
 
+    session = _Session(machine, args)
+    box.append(session)
     if sys.stdin is not None and not sys.stdin.closed:
-        threading.Thread(target=_feed_stdin, args=(machine.uart,), name="stdin", daemon=True).start()
+        threading.Thread(target=_feed_stdin, args=(session,), name="stdin", daemon=True).start()
     control = None
     if args.control:
+        from kvmits.machine import ITS_KINDS
         from kvmits.machine.control import ControlServer, machine_handlers
 
+        def migrate(req: dict) -> dict:
+            its = req.get("its")
+            if its is not None and its not in ITS_KINDS:
+                raise ValueError(f"its must be one of {ITS_KINDS}, not {its!r}")
+            return session.migrate(its)
+
         try:
-            control = ControlServer(args.control, machine_handlers(machine))
+            control = ControlServer(args.control, dict(machine_handlers(lambda: session.machine), migrate=migrate))
         except KvmitsError as exc:
             print(f"kvmits run: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        return _run_until_exit(machine, args, console)
+        return _run_until_exit(session, args, console)
     finally:
         if control is not None:
             control.close()
+        session.machine.close()
 
 
-def _run_until_exit(machine, args, console) -> int:
+def _wait(session, timeout: float | None):
+    """The end of the guest, through migrations: the wait moves on to each new machine."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        machine = session.machine
+        result = machine.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with session.lock:                  # a migration in progress ends the old machine
+            if session.machine is machine:
+                return result
+
+
+def _run_until_exit(session, args, console) -> int:
     """Start the vCPUs and wait for the guest to end; the exit status (see the module's docstring)."""
-    machine.start()
+    session.machine.start()
     try:
-        result = machine.wait(args.timeout)
+        result = _wait(session, args.timeout)
     except TimeoutError:
-        machine.stop()
+        session.machine.stop()
         console.flush()
         print(f"\nkvmits run: stopped the guest after {args.timeout} s", file=sys.stderr)
         return EXIT_TIMEOUT
     except KeyboardInterrupt:
-        machine.stop()
+        session.machine.stop()
         console.flush()
         print("\nkvmits run: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except _Terminated:
-        machine.stop()
+        session.machine.stop()
         console.flush()
         print("\nkvmits run: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED

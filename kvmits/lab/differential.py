@@ -272,19 +272,27 @@ class ProgramResult(NamedTuple):
     orphans: tuple | None
 
 
-def run_program(lab, seed: int, length: int = LENGTH, probe=None) -> ProgramResult:
+def run_program(lab, seed: int, length: int = LENGTH, probe=None, migrate_to: str | None = None) -> ProgramResult:
     """Reset the lab's ITS, set it up again, run program `seed`, probe orphans and return the
     final state. `probe`: the (DeviceID, EventID) pairs to probe; None: the lab's own orphans
-    (a userspace ITS knows them; the kernel's none)."""
+    (a userspace ITS knows them; the kernel's none). `migrate_to`: migrate the guest halfway
+    through the program's batches (masked, LPIs pending) into a VM with this ITS kind
+    (ItsLab.migrate) and finish the program there; the lab keeps the new VM."""
     lab.reset_its()
     runner = ProgramRunner(lab)
+    batches = generate_program(seed, length, lab.cpus)
+    halves = [batches] if migrate_to is None else [batches[:len(batches) // 2], batches[len(batches) // 2:]]
     lab.mask()
+    count = 0
     try:
-        # no vCPU but the driver's runs guest code while the commands run, as with the userspace
-        # ITS: the kernel's ITS otherwise loses a CLEAR of an LPI in a running vCPU's list
-        # register now and then (ItsLab.holding), a race no model can match
-        with lab.holding():
-            count = runner.run(generate_program(seed, length, lab.cpus))
+        for n, half in enumerate(halves):
+            if n:
+                lab.migrate(migrate_to)
+            # no vCPU but the driver's runs guest code while the commands run, as with the userspace
+            # ITS: the kernel's ITS otherwise loses a CLEAR of an LPI in a running vCPU's list
+            # register now and then (ItsLab.holding), a race no model can match
+            with lab.holding():
+                count += runner.run(half)
     finally:
         pending = lab.unmask()
     orphans = lab.orphaned_ites()

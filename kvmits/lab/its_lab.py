@@ -59,42 +59,20 @@ class ItsLab:
             raise
 
     def migrate(self, its: str | None = None, path=None) -> dict:
-        """Move the running guest into a new VM whose ITS is `its` (default: the same kind):
-        pause, capture (kvmits.machine.state), restore into the new VM, close the old one,
-        resume. With `path`, through a snapshot file written there and read back. The guest
-        driver's view (heap, tables, queue) carries on against the new VM. Returns the
-        downtime (s, pause to resume) and the snapshot's SnapshotInfo (None without a file)."""
-        from kvmits.machine import state as machine_state
-        from kvmits.machine.snapshot import write_snapshot
+        """Move the running guest into a new VM whose ITS is `its` (default: the same kind), by
+        kvmits.machine.migration.migrate (with `path`: through a snapshot file there). The
+        guest driver's view (heap, tables, queue) carries on against the new VM. Returns the
+        migration's report (downtime, ...)."""
+        from kvmits.machine.migration import migrate
 
-        old = self.machine
-        started = time.monotonic()
-        old.pause_all()                          # never resumed: the old VM ends here
-        try:
-            saved = machine_state.capture(old)
-            info = None
-            if path is None:
-                new = Machine.restore(saved, its=its, console=self._console)
-            else:
-                info = write_snapshot(path, saved.meta, saved.sections, saved.ram)
-                new = Machine.restore(path, its=its, console=self._console)
-        except BaseException:
-            old.resume_all()
-            raise
-        old.close()
-        try:
-            new.start()
-        except BaseException:
-            new.close()
-            raise
-        downtime = time.monotonic() - started
+        new, report = migrate(self.machine, its, path=path, console=self._console)
         self.machine = new
         self.mode = new.config.its
         self.agent = new.agent
         access = self.agent.client(0)
         self.heap.ram = self.gic.ram = self.its.ram = new.ram
         self.gic.access = self.its.access = access
-        return {"downtime": downtime, "snapshot": info}
+        return report
 
     def setup(self, lpis_enabled: bool = True, two_level: bool = False) -> None:
         """LPIs on every redistributor (all LPIs enabled, or all disabled), the ITS tables and

@@ -150,29 +150,33 @@ def request(path: str, cmd: str, timeout: float = 120.0, **args) -> object:
     return reply["result"]
 
 
-def machine_handlers(machine) -> dict[str, Callable[[dict], object]]:
-    """What `kvmits run --control` answers about its machine."""
+def machine_handlers(current) -> dict[str, Callable[[dict], object]]:
+    """What `kvmits run --control` answers about its machine. `current`: the Machine, or a
+    callable returning the one served now (a migration replaces it)."""
     from kvmits.machine.its import require_its
 
+    get = current if callable(current) else lambda: current
+
     def its_dump(_req: dict) -> dict:
-        return require_its(machine).snapshot().to_json()
+        return require_its(get()).snapshot().to_json()
 
     def its_translate(req: dict) -> dict:
         devid, eventid = req["devid"], req["eventid"]
         for name, value in (("devid", devid), ("eventid", eventid)):
             if not isinstance(value, int) or not 0 <= value < 1 << 32:
                 raise ValueError(f"{name} must be an integer in 0..2**32-1, not {value!r}")
-        return require_its(machine).translation_report(devid, eventid)
+        return require_its(get()).translation_report(devid, eventid)
 
     def info(_req: dict) -> dict:
+        machine = get()
         kind = machine.its.kind if machine.its is not None else None
         return {"cpus": machine.config.cpus, "its": kind, "pid": os.getpid()}
 
     def save(req: dict) -> dict:
-        path = req.get("path")
+        path = req.get("file")
         if not isinstance(path, str) or not path:
-            raise ValueError(f"save needs a file path, not {path!r}")
-        info = machine.save(path)                 # pauses the vCPUs for the capture and write
-        return info._asdict()
+            raise ValueError(f"save needs a file path (\"file\"), not {path!r}")
+        written = get().save(path)              # pauses the vCPUs for the capture and write
+        return written._asdict()
 
     return {"its-dump": its_dump, "its-translate": its_translate, "info": info, "save": save}

@@ -99,8 +99,9 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _nonzero_runs(mv: memoryview):
-    """(first page, page count) of each run of pages that are not all zero."""
+def nonzero_runs(mv: memoryview):
+    """(first page, page count) of each run of pages (PAGE bytes) that are not all zero: what a
+    snapshot stores, and what an in-process migration copies (the new VM's RAM is zero already)."""
     pages = len(mv) // PAGE
     first = None
     for block in range(0, pages, BLOCK_PAGES):
@@ -135,7 +136,7 @@ def _write_ram(f, regions: list[tuple[int, memoryview]]) -> tuple[dict, int]:
 
     for r, (_, mv) in enumerate(regions):
         pending, pages = [], 0
-        for first, count in _nonzero_runs(mv):
+        for first, count in nonzero_runs(mv):
             while count:            # a run longer than a chunk's room continues in the next chunk
                 take = min(count, CHUNK_PAGES - pages)
                 pending.append((first, take))

@@ -54,7 +54,7 @@ from kvmits.gic.regs import (
     ICC_CTLR_EL1, ICC_IGRPEN0_EL1, ICC_IGRPEN1_EL1, ICC_PMR_EL1, ICC_SRE_EL1,
 )
 from kvmits.machine.its.interface import ItsStateError
-from kvmits.machine.snapshot import Snapshot, SnapshotInfo, read_snapshot, write_snapshot
+from kvmits.machine.snapshot import PAGE, Snapshot, SnapshotInfo, nonzero_runs, read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,13 @@ def apply(machine, state: MachineState) -> None:
         for gpa, data in state.ram:
             if not ram.contains(gpa, len(data)):
                 raise MachineStateError(f"saved RAM [{gpa:#x}, {gpa + len(data):#x}) is not this machine's RAM")
-            ram.view[gpa - ram.gpa:gpa - ram.gpa + len(data)] = data
+            # only the non-zero runs: the new RAM is zero, and writing zeros would make the host
+            # back every page of it while the source still holds its own
+            src = memoryview(data)
+            base = gpa - ram.gpa
+            for first, count in nonzero_runs(src):
+                lo, hi = first * PAGE, (first + count) * PAGE
+                ram.view[base + lo:base + hi] = src[lo:hi]
     step = "the vCPUs"
     try:
         for vcpu, saved in zip(machine.vcpus, state.sections["vcpus"]):
