@@ -300,13 +300,7 @@ def apply(machine, state: MachineState) -> None:
         for gpa, data in state.ram:
             if not ram.contains(gpa, len(data)):
                 raise MachineStateError(f"saved RAM [{gpa:#x}, {gpa + len(data):#x}) is not this machine's RAM")
-            # only the non-zero runs: the new RAM is zero, and writing zeros would make the host
-            # back every page of it while the source still holds its own
-            src = memoryview(data)
-            base = gpa - ram.gpa
-            for first, count in nonzero_runs(src):
-                lo, hi = first * PAGE, (first + count) * PAGE
-                ram.view[base + lo:base + hi] = src[lo:hi]
+            _copy_nonzero(ram, gpa, data)
     step = "the vCPUs"
     try:
         for vcpu, saved in zip(machine.vcpus, state.sections["vcpus"]):
@@ -334,6 +328,18 @@ def apply(machine, state: MachineState) -> None:
     machine.restored = True
     log.info("restored %d vCPUs, vGIC and %s ITS in %.3f s", len(machine.vcpus), machine.config.its,
              time.monotonic() - started)
+
+
+def _copy_nonzero(ram, gpa: int, data) -> None:
+    """Copy only the non-zero runs of `data` to `gpa`: the new RAM is zero, and writing zeros
+    would make the host back every page of it while the source still holds its own. (A function
+    of its own: the views it makes of the source's RAM end with it, so that no traceback of a
+    later restore step keeps them, which would stop the source's RAM from being unmapped.)"""
+    base = gpa - ram.gpa
+    with memoryview(data) as src:
+        for first, count in nonzero_runs(src):
+            lo, hi = first * PAGE, (first + count) * PAGE
+            ram.view[base + lo:base + hi] = src[lo:hi]
 
 
 def _restore_gic(gic, mpidrs, nr_irqs: int, saved: dict) -> None:
