@@ -115,13 +115,17 @@ class Machine:
     """One arm64 VM on this host's KVM. See the module docstring; docs/machine.md has the contract."""
 
     def __init__(self, config: MachineConfig | None = None, *, console: BinaryIO | None = None,
-                 kvm: Kvm | None = None):
+                 kvm: Kvm | None = None, ram: GuestMemory | None = None):
+        """`ram`: adopt this guest RAM instead of allocating it (an in-process migration hands
+        the source's RAM over: kvmits.machine.migration); it must be the memory map's RAM
+        range, and the machine closes it with itself."""
         self.config = config or MachineConfig()
         self.memmap = MemoryMap(self.config.cpus, self.config.mem_size)
         self._own_kvm = kvm is None
         self.kvm = Kvm() if kvm is None else kvm
         self.vm = None
         self.ram: GuestMemory | None = None
+        self._adopt_ram = ram
         #: the guest's ITS, whichever kind (kvmits.machine.its.MachineIts); None with its=None
         self.its: MachineIts | None = None
         self.agent = None
@@ -138,13 +142,19 @@ class Machine:
         try:
             self._build(console)
         except BaseException:
+            if ram is not None:
+                self.ram = None               # adopted: still the caller's, not to close here
             self.close()
             raise
 
     def _build(self, console) -> None:
         mm = self.memmap
         self.vm = self.kvm.create_vm()
-        self.ram = GuestMemory(mm.ram.base, mm.ram.size)
+        adopt, self._adopt_ram = self._adopt_ram, None
+        if adopt is not None and (adopt.gpa, adopt.size) != (mm.ram.base, mm.ram.size) or adopt is not None and adopt.closed:
+            raise ValueError(f"adopted RAM {adopt!r} is not this machine's RAM "
+                             f"({mm.ram.base:#x}, {mm.ram.size:#x}), or is closed")
+        self.ram = adopt if adopt is not None else GuestMemory(mm.ram.base, mm.ram.size)
         self.vm.add_memory(self.ram)
         self.vcpus = []
         for i in range(mm.cpus):
@@ -376,12 +386,13 @@ class Machine:
 
     @classmethod
     def restore(cls, source, *, its: str | None = None, console: BinaryIO | None = None,
-                expect: dict | None = None, kvm: Kvm | None = None) -> Machine:
+                expect: dict | None = None, kvm: Kvm | None = None, ram: GuestMemory | None = None) -> Machine:
         """A new machine holding `source` (a snapshot file's path, or a MachineState from
         state.capture()), not started: start() resumes the guest. `its`: restore into this ITS
-        kind (default: the saved one). `expect`: configuration values the state must have."""
+        kind (default: the saved one). `expect`: configuration values the state must have.
+        `ram`: with a MachineState, the source's RAM itself, adopted instead of copied."""
         if isinstance(source, state.MachineState):
-            return state.restore(source, its=its, console=console, kvm=kvm, expect=expect)
+            return state.restore(source, its=its, console=console, kvm=kvm, expect=expect, ram=ram)
         saved, snap = state.read_file(source)
         with snap:
             return state.restore(saved, its=its, console=console, kvm=kvm, expect=expect)

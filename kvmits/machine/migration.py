@@ -5,9 +5,11 @@
 
 The steps: pause every vCPU of the source (for good: it never resumes), capture its state
 (kvmits.machine.state), restore it into a new Machine (the ITS kind `its`, default the same),
-close the source, start the new one. With `path`, the state goes through a snapshot file
-written there and read back, as `kvmits run --restore` would read it. If capturing or
-restoring fails, the source resumes and nothing else changed.
+close the source, start the new one. Guest RAM is not copied: the new VM adopts the source's
+memory (a memory slot of its own over the same mapping, as QEMU's local migration with shared
+memory does), so the downtime does not grow with the RAM size. With `path`, the state goes
+through a snapshot file written there and read back, RAM and all, as `kvmits run --restore`
+would read it. If capturing or restoring fails, the source resumes and nothing else changed.
 
 The downtime is the guest's: from the pause to the new vCPUs' start. The guest does not see it
 in its virtual counter (restored to the saved value), only in wall-clock time.
@@ -35,7 +37,7 @@ def migrate(machine, its: str | None = None, *, path=None, console=None):
         captured = time.monotonic()
         info = None
         if path is None:
-            new = Machine.restore(saved, its=its, console=console)
+            new = Machine.restore(saved, its=its, console=console, ram=machine.ram)
         else:
             info = write_snapshot(path, saved.meta, saved.sections, saved.ram)
             new = Machine.restore(path, its=its, console=console)
@@ -45,6 +47,8 @@ def migrate(machine, its: str | None = None, *, path=None, console=None):
     restored = time.monotonic()
     source_kind = machine.config.its
     machine.uart.out = None               # the source's console is the new machine's now
+    if path is None:
+        machine.ram = None                # the new machine's now: closing the source keeps it
     machine.close()
     try:
         new.start()

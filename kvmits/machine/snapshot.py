@@ -67,6 +67,8 @@ PAGE = 4096
 CHUNK_PAGES = 256
 #: zero pages come in long runs in a guest's RAM: test 64 KiB blocks at once, then their pages
 BLOCK_PAGES = 16
+#: ... and 2 MiB spans before those: most of a guest's RAM is untouched
+SPAN_PAGES = 512
 #: speed over ratio: the writer runs in a Python 25 times slower than native (the testbed)
 ZLIB_LEVEL = 1
 #: section names the file's layout takes for itself
@@ -78,7 +80,7 @@ _INDEX_HEAD = struct.Struct("<III")
 _REGION = struct.Struct("<QQ")
 _CHUNK = struct.Struct("<IIII")
 _RUN = struct.Struct("<QI")
-_ZERO_BLOCK = bytes(BLOCK_PAGES * PAGE)
+_ZERO_SPAN = bytes(SPAN_PAGES * PAGE)
 
 
 class SnapshotError(KvmitsError):
@@ -101,23 +103,30 @@ def _dumps(obj) -> bytes:
 
 def nonzero_runs(mv: memoryview):
     """(first page, page count) of each run of pages (PAGE bytes) that are not all zero: what a
-    snapshot stores, and what an in-process migration copies (the new VM's RAM is zero already)."""
+    snapshot stores. Zero RAM is tested 2 MiB at a time, then 64 KiB, then by page: the loop runs
+    in Python (25 times slower in the testbed), the compares in C."""
     pages = len(mv) // PAGE
     first = None
-    for block in range(0, pages, BLOCK_PAGES):
+    for big in range(0, pages, SPAN_PAGES):
         # bytes.startswith compares a buffer in place (memcmp); a memoryview == bytes goes by item
-        if _ZERO_BLOCK.startswith(mv[block * PAGE:(block + BLOCK_PAGES) * PAGE]):
+        if _ZERO_SPAN.startswith(mv[big * PAGE:(big + SPAN_PAGES) * PAGE]):
             if first is not None:
-                yield first, block - first
+                yield first, big - first
                 first = None
             continue
-        for page in range(block, min(block + BLOCK_PAGES, pages)):
-            if _ZERO_BLOCK.startswith(mv[page * PAGE:(page + 1) * PAGE]):
+        for block in range(big, min(big + SPAN_PAGES, pages), BLOCK_PAGES):
+            if _ZERO_SPAN.startswith(mv[block * PAGE:(block + BLOCK_PAGES) * PAGE]):
                 if first is not None:
-                    yield first, page - first
+                    yield first, block - first
                     first = None
-            elif first is None:
-                first = page
+                continue
+            for page in range(block, min(block + BLOCK_PAGES, pages)):
+                if _ZERO_SPAN.startswith(mv[page * PAGE:(page + 1) * PAGE]):
+                    if first is not None:
+                        yield first, page - first
+                        first = None
+                elif first is None:
+                    first = page
     if first is not None:
         yield first, pages - first
 

@@ -259,11 +259,14 @@ def check_state(state: MachineState) -> None:
         raise MachineStateError("machine state: the devices section does not match the configuration")
 
 
-def restore(state: MachineState, *, its: str | None = None, console=None, kvm=None, expect: dict | None = None):
+def restore(state: MachineState, *, its: str | None = None, console=None, kvm=None, expect: dict | None = None,
+            ram=None):
     """A new, not yet started Machine holding `state`; `its`: the ITS kind to restore into (default:
     the saved one; either kind restores the other's state). `expect`: configuration values the
     caller requires (e.g. {"cpus": 4}): a state that differs is refused, naming the field.
-    Call start() on the result to resume the guest."""
+    `ram`: the GuestMemory the state's RAM views are of (the paused source's), adopted by the new
+    machine instead of copied (Machine(ram=)); the caller must then not close it (the source
+    hands it over: kvmits.machine.migration). Call start() on the result to resume the guest."""
     from kvmits.machine.machine import Machine, MachineConfig       # restore builds a Machine
 
     check_state(state)
@@ -275,23 +278,28 @@ def restore(state: MachineState, *, its: str | None = None, console=None, kvm=No
     if (kind is None) != (saved["its"] is None):
         raise MachineStateError(f"the state was saved with ITS {saved['its']!r}: it cannot restore with {kind!r}")
     config = MachineConfig(**dict(saved, its=kind))
-    machine = Machine(config, console=console, kvm=kvm)
+    machine = Machine(config, console=console, kvm=kvm, ram=ram)
     try:
         if list(machine.mpidrs) != state.meta.get("mpidrs"):
             raise MachineStateError(f"this KVM gives the vCPUs MPIDRs {[hex(m) for m in machine.mpidrs]}, "
                                     f"the state has {state.meta.get('mpidrs')}")
-        apply(machine, state)
+        apply(machine, state, ram_adopted=ram is not None)
     except BaseException:
+        if ram is not None:
+            machine.ram = None                # the source's still: not the failed machine's to close
         machine.close()
         raise
     return machine
 
 
-def apply(machine, state: MachineState) -> None:
-    """Restore `state` into `machine` (new, never started; same configuration but the ITS kind)."""
+def apply(machine, state: MachineState, *, ram_adopted: bool = False) -> None:
+    """Restore `state` into `machine` (new, never started; same configuration but the ITS kind).
+    `ram_adopted`: the machine's RAM is the state's own (nothing to copy)."""
     started = time.monotonic()
     ram = machine.ram
-    if state.load_ram is not None:
+    if ram_adopted:
+        pass
+    elif state.load_ram is not None:
         if [tuple(r) for r in state.ram_regions] != [(ram.gpa, ram.size)]:
             raise MachineStateError(f"the file's RAM regions {[(hex(g), hex(n)) for g, n in state.ram_regions]} "
                                     f"are not this machine's RAM ({ram.gpa:#x}, {ram.size:#x})")

@@ -66,7 +66,9 @@ def test_lpis_left_pending_on_two_vcpus_arrive_once_each_after_migration(lab, di
     lab.mask()
     assert lab.msi(DEVID, 0) == 1 and lab.msi(DEVID, 1) == 1
     lab.expect_none(0.2)
+    ram = lab.machine.ram
     lab.migrate(direction[1])
+    assert lab.machine.ram is ram and not ram.closed          # in process: the RAM is handed over
     assert lab.unmask() == [(1, LPI_BASE + 1), (2, LPI_BASE + 2)]
     lab.expect_none(0.3)
 
