@@ -9,10 +9,14 @@ kvmits.machine.agent.protocol; the typed host API over post() is kvmits.machine.
 Request lives here, with the queue that completes it, not with the host API: its state is
 guarded by its vCPU's slot lock (_Cpu.cond), the vCPU thread completes it from mmio_write, and
 a wait that times out withdraws it from that slot's queue. Only the device touches those.
+
+save_state()/load_state() carry what the guest agent relies on between requests to another VM
+(issue 13, with kvmits.machine.state); a Request cannot travel, so a mailbox saves only idle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,11 +26,30 @@ from collections.abc import Callable, Iterable
 from kvmits.machine.agent.protocol import (
     ADDRESSED_OPS, AGENT_VERSION, DEFAULT_IDLE_US, DEFAULT_TIMEOUT, ERR_DETAIL_SHIFT, MAILBOX_BASE, MAILBOX_SIZE,
     MB_ARG0, MB_ARG3, MB_ERROR, MB_GICD_BASE, MB_GICR_BASE, MB_HELLO, MB_IDLE_US, MB_IRQ, MB_PANIC, MB_PANIC_FAR,
-    MB_PANIC_KIND, MB_REQ, MB_RESULT, MB_VERSION, U64_MASK, AgentPanic, AgentProtocolError, AgentRequestFailed,
+    MB_PANIC_KIND, MB_REQ, MB_RESULT, MB_VERSION, U64_MASK, AgentError, AgentPanic, AgentProtocolError, AgentRequestFailed,
     AgentStopped, AgentTimeout, Op, describe_request,
 )
+from kvmits.machine.devices.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
+
+#: vCPU indices a mailbox accepts (a slot per index up to the highest used)
+MAX_CPUS = 1 << 16
+
+STATE_FORMAT = "kvmits-agent-mailbox"
+STATE_VERSION = 1
+#: the most interrupt reports a state carries. The device keeps every report until the host
+#: takes it, so the bound is only against an edited file's allocation: a host that lets a
+#: million reports pile up has stopped reading them
+IRQS_STATE_MAX = 1 << 20
+_STATE_KEYS = frozenset(("format", "version", "cpus", "irqs", "bad_accesses"))
+_CPU_KEYS = frozenset(("mpidr", "online", "version", "hello_age_ns", "panic_regs"))
+#: ages are nanoseconds before the save, as an int (exact in JSON); 2^63 ns is 292 years
+_AGE_LIMIT = 1 << 63
+
+
+class MailboxStateError(AgentError):
+    """The mailbox cannot be saved now: an agent panicked, or a request is queued or running."""
 
 
 # -- requests -----------------------------------------------------------------------------------------
@@ -182,7 +205,7 @@ class AgentMailbox:
             return self._cpus[vcpu]
         except IndexError:
             pass
-        if not 0 <= vcpu < 1 << 16:
+        if not 0 <= vcpu < MAX_CPUS:
             raise ValueError(f"vCPU index {vcpu} out of range")
         with self._lock:
             while len(self._cpus) <= vcpu:
@@ -387,6 +410,112 @@ class AgentMailbox:
         err.irqs = got
         raise err
 
+    # -- the host side: save and restore (issue 13) ---------------------------------------------------
+    @staticmethod
+    def _busy(slot: _Cpu) -> list[str]:
+        """slot's running and queued requests, described (slot.cond held)."""
+        out = []
+        req = slot.current
+        if req is not None:
+            # a request whose host wait timed out is still in the guest's registers until it answers
+            late = ", its host wait timed out" if req._state == _DONE else ""
+            out.append(f"vCPU {slot.index}: {describe_request(req.op, req.args)} (running{late})")
+        out += [f"vCPU {slot.index}: {describe_request(r.op, r.args)} (queued)" for r in slot.queue]
+        return out
+
+    def busy(self) -> list[str]:
+        """The requests queued or running, described vCPU by vCPU; empty when save_state() can
+        proceed (so far as requests go). For a caller that waits for them before saving."""
+        out = []
+        for slot in list(self._cpus):
+            with slot.cond:
+                out += self._busy(slot)
+        return out
+
+    def save_state(self) -> dict:
+        """What the guest agent relies on between requests, as a JSON-able dict: per vCPU (the
+        list index) its HELLO (mpidr, online, and how long before the save it came), the protocol
+        version it wrote, and the panic registers (FAR, ELR, kind: the agent writes them before
+        MB_PANIC, so a save can fall between); the interrupt reports the host has not taken yet,
+        oldest first, each (cpu, intid, nanoseconds before the save); and bad_accesses.
+
+        Not state, so left out: gicd_base, gicr_base and idle_us are construction parameters of
+        the destination, like kick, on_panic and describe_cpu (the agent read the first three
+        once at boot and keeps them: the destination, built from the saved machine configuration,
+        must give the same); also the once-only log memory of bad accesses, and a stop() (a
+        VM being saved is one still running).
+
+        MailboxStateError (an AgentError, so a KvmitsError) if an agent panicked (its vCPU is
+        parked: there is nothing to resume) or while any request is queued or running: the
+        running one lives in the guest's registers and the host's Request, which a waiting
+        thread holds, cannot travel. The caller waits for busy() to be empty first, with no
+        request posted meanwhile; the vCPUs must be paused (no access races the save).
+        MailboxStateError too if more than IRQS_STATE_MAX reports wait (take_irqs() them)."""
+        # Lock order, as nowhere else nests them: _lock (no slot is added meanwhile), every
+        # slot.cond (no request is posted), _events (the reports): one consistent snapshot.
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._lock)
+            slots = list(self._cpus)
+            for slot in slots:
+                held.enter_context(slot.cond)
+            held.enter_context(self._events)
+            panics = list(self._panics)
+            panics += [s.panic for s in slots if s.panic is not None and s.panic not in panics]
+            if panics:
+                more = f" (and {len(panics) - 1} more panic(s))" if len(panics) > 1 else ""
+                raise MailboxStateError(f"the agent's mailbox cannot be saved: {panics[0]}{more}; a panicked "
+                                        f"agent has parked its vCPU, there is nothing to resume")
+            busy = [d for s in slots for d in self._busy(s)]
+            if busy:
+                raise MailboxStateError(f"the agent's mailbox cannot be saved while requests are outstanding: "
+                                        f"{'; '.join(busy)} (wait for them: busy() empty)")
+            if len(self._irqs) > IRQS_STATE_MAX:
+                raise MailboxStateError(f"the agent's mailbox holds {len(self._irqs)} interrupt reports, more "
+                                        f"than a state carries ({IRQS_STATE_MAX}): take_irqs() them first")
+            now = time.monotonic()
+
+            def age(t: float) -> int:       # monotonic in t, so the reports' order is kept
+                return max(0, round((now - t) * 1e9))
+
+            return {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "cpus": [{"mpidr": s.mpidr, "online": s.online, "version": s.version,
+                          "hello_age_ns": age(s.hello_time) if s.online else None,
+                          "panic_regs": list(s.panic_regs)} for s in slots],
+                "irqs": [[cpu, intid, age(t)] for cpu, intid, t in self._irqs],
+                "bad_accesses": self.bad_accesses,
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Apply a save_state() dict, on a freshly constructed mailbox before any vCPU runs.
+
+        The dict is not trusted (it may come from a file a user edited): every field is checked
+        first (ValueError naming it; the mailbox is left unchanged), then applied. The saved
+        times (HELLO, interrupt reports) are re-based to this host's time.monotonic(): each is as
+        long before the load as it was before the save, so the reports keep their order. The
+        waits (wait_online, wait_irqs) are woken: they answer at once from the restored state. A
+        vCPU slot beyond the state's (a host call on this mailbox created it) is reset to
+        'not online'."""
+        cpus, irqs, bad_accesses = _check_state(state)
+        if cpus:
+            self._slot(len(cpus) - 1)           # every slot up to the last saved one
+        now = time.monotonic()
+        with self._lock:
+            slots = list(self._cpus)
+            self.bad_accesses = bad_accesses
+        with self._events:
+            for i, slot in enumerate(slots):
+                mpidr, online, version, hello_age, panic_regs = cpus[i] if i < len(cpus) else (None, False, None,
+                                                                                                None, (0, 0, 0))
+                slot.mpidr = mpidr
+                slot.online = online
+                slot.version = version
+                slot.hello_time = now - hello_age / 1e9 if hello_age is not None else 0.0
+                slot.panic_regs = list(panic_regs)
+            self._irqs = [(cpu, intid, now - age / 1e9) for cpu, intid, age in irqs]
+            self._events.notify_all()
+
     def stop(self, reason: BaseException | str = "stopped") -> None:
         """The VM ended: fail every outstanding request and wait now, and refuse new ones."""
         self._stopped = reason
@@ -397,3 +526,58 @@ class AgentMailbox:
                 slot.cond.notify_all()
         with self._events:
             self._events.notify_all()
+
+
+# -- checking a state --------------------------------------------------------------------------------
+_CHECK = StateChecker("agent mailbox", STATE_FORMAT, STATE_VERSION)
+
+
+def _check_state(state) -> tuple[list[tuple], list[tuple[int, int, int]], int]:
+    """Every field of a mailbox state, checked: (per vCPU (mpidr, online, version, hello age,
+    panic registers), the interrupt reports (cpu, intid, age), bad_accesses). ValueError naming
+    the first bad field."""
+    _CHECK.header(state, _STATE_KEYS)
+    saved_cpus = _CHECK.list(state["cpus"], "cpus", MAX_CPUS)
+    cpus = []
+    for i, c in enumerate(saved_cpus):
+        what = f"cpus[{i}]"
+        _CHECK.fields(c, _CPU_KEYS, what)
+        mpidr, online, version, hello_age, panic_regs = (c["mpidr"], c["online"], c["version"], c["hello_age_ns"],
+                                                          c["panic_regs"])
+        if mpidr is not None:
+            _CHECK.int(mpidr, f"{what}.mpidr", 1 << 64)
+        if type(online) is not bool:
+            raise _CHECK.error(f"{what}.online must be a bool, not {online!r}")
+        # HELLO sets mpidr, online and the HELLO time together, and nothing unsets them
+        if online != (mpidr is not None):
+            raise _CHECK.error(f"{what}.online is {online} but {what}.mpidr is {mpidr!r} "
+                               f"(HELLO sets both)")
+        if version is not None:
+            _CHECK.int(version, f"{what}.version", 1 << 64)
+        if hello_age is None:
+            if online:
+                raise _CHECK.error(f"{what}.hello_age_ns is missing for an online vCPU")
+        else:
+            _CHECK.int(hello_age, f"{what}.hello_age_ns", _AGE_LIMIT)
+            if not online:
+                raise _CHECK.error(f"{what}.hello_age_ns is set for a vCPU that is not online")
+        if not isinstance(panic_regs, (list, tuple)) or len(panic_regs) != 3:
+            raise _CHECK.error(f"{what}.panic_regs must be a list of 3 integers (FAR, ELR, kind)")
+        regs = tuple(_CHECK.int(v, f"{what}.panic_regs[{j}]", 1 << 64) for j, v in enumerate(panic_regs))
+        cpus.append((mpidr, online, version, hello_age, regs))
+
+    saved_irqs = _CHECK.list(state["irqs"], "irqs", IRQS_STATE_MAX, "reports")
+    irqs = []
+    for i, r in enumerate(saved_irqs):
+        what = f"irqs[{i}]"
+        if not isinstance(r, (list, tuple)) or len(r) != 3:
+            raise _CHECK.error(f"{what} must be a list [cpu, intid, age_ns], not {r!r}")
+        cpu = _CHECK.int(r[0], f"{what} cpu", MAX_CPUS)
+        intid = _CHECK.int(r[1], f"{what} intid", 1 << 32)      # MB_IRQ is a 32-bit write
+        age = _CHECK.int(r[2], f"{what} age_ns", _AGE_LIMIT)
+        if irqs and age > irqs[-1][2]:
+            raise _CHECK.error(f"{what} is older than irqs[{i - 1}] (reports are oldest first)")
+        irqs.append((cpu, intid, age))
+
+    bad_accesses = _CHECK.int(state["bad_accesses"], "bad_accesses", 1 << 64)
+    return cpus, irqs, bad_accesses

@@ -7,15 +7,21 @@ DMA register are plain storage. The interrupt is modelled as a level: TXRIS is s
 transmitted byte (the FIFO drained at once) and cleared by UARTICR, RXRIS is set while received
 bytes wait; the line is (RIS & IMSC) != 0, reported through the `irq` callback. Linux needs
 the TX interrupt to push more than half a FIFO of tty output, and the RX one for input.
+
+save_state()/load_state() carry the guest-visible state to another VM (issue 13, with
+kvmits.machine.state): a snapshot or a migration resumes the guest's driver mid-conversation.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
+
+from kvmits.machine.devices.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,21 @@ _STORAGE = {
 #: how many received bytes wait before FR.RXFF reads 1 (the PL011's 16-entry FIFO depth)
 RX_FIFO_DEPTH = 16
 
+STATE_FORMAT = "kvmits-pl011"
+STATE_VERSION = 1
+#: the storage registers by the TRM's names (DDI 0183, 3.2), as a state dict keys them
+_STORAGE_NAMES = {UARTILPR: "UARTILPR", UARTIBRD: "UARTIBRD", UARTFBRD: "UARTFBRD", UARTLCR_H: "UARTLCR_H",
+                  UARTCR: "UARTCR", UARTIFLS: "UARTIFLS", UARTDMACR: "UARTDMACR"}
+#: the RIS bits the model latches (TXRIS: DDI 0183, 3.3, UARTRIS); RXRIS is the queue's level, the
+#: rest are never raised here, so a state claiming them is not one this model wrote
+_LATCHED = INT_TX
+#: the most unread RX bytes a state may carry. feed() does not bound the queue (the host side
+#: is trusted), but a state may come from an edited file: 1 MiB is far beyond any console's
+#: typeahead and still a bounded allocation
+RX_STATE_MAX = 1 << 20
+_STATE_KEYS = frozenset(("format", "version", "regs", "imsc", "ris", "rx", "tx_count", "bad_accesses"))
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
 
 class Pl011:
     """The UART model. `out` receives every transmitted byte (flushed at once; None discards);
@@ -95,6 +116,48 @@ class Pl011:
 
     def rx_pending(self) -> int:
         return len(self._rx)
+
+    # -- save and restore (issue 13) -------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The guest-visible state as a JSON-able dict: the storage registers (by the TRM's names),
+        UARTIMSC, the latched RIS bits (TXRIS: RXRIS follows the queue), the RX queue's unread
+        bytes (hex), and the host statistics tx_count and bad_accesses, which are carried so they
+        count over the guest's whole life rather than restart at each restore. `out` and `irq`
+        belong to the destination's construction. ValueError if more than RX_STATE_MAX bytes
+        wait (load_state would refuse such a state)."""
+        with self._lock:
+            if len(self._rx) > RX_STATE_MAX:
+                raise ValueError(f"PL011: {len(self._rx)} unread RX bytes, more than a state carries "
+                                 f"({RX_STATE_MAX}): let the guest read them, or drop them, first")
+            return {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "regs": {name: self._regs[off] for off, name in _STORAGE_NAMES.items()},
+                "imsc": self._imsc,
+                "ris": self._ris,
+                "rx": bytes(self._rx).hex(),
+                "tx_count": self.tx_count,
+                "bad_accesses": self.bad_accesses,
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Apply a save_state() dict, on a freshly constructed device before any vCPU runs.
+
+        The dict is not trusted (it may come from a file a user edited): every field is checked
+        first (ValueError naming it; the device is left unchanged), then applied. The interrupt
+        line is then recomputed from RIS & IMSC and reported through `irq` if asserted (this
+        device's line starts low, like the destination's GIC input): an interrupt pending at
+        save time is pending after restore, and the guest's handler finds the same MIS."""
+        regs, imsc, ris, rx, tx_count, bad_accesses = _check_state(state)
+        with self._lock:
+            self._regs.update(regs)
+            self._imsc = imsc
+            self._ris = ris
+            self._rx.clear()
+            self._rx.extend(rx)
+            self.tx_count = tx_count
+            self.bad_accesses = bad_accesses
+            self._update_irq()
 
     # -- interrupt state (call with the lock held) -----------------------------------------------
     def _raw_status(self) -> int:
@@ -168,3 +231,34 @@ class Pl011:
         except (OSError, ValueError) as exc:   # a closed or broken console must not kill the vCPU
             log.warning("PL011 console output failed (%s); discarding further output", exc)
             self.out = None
+
+
+_CHECK = StateChecker("PL011", STATE_FORMAT, STATE_VERSION)
+
+
+def _check_state(state) -> tuple[dict[int, int], int, int, bytes, int, int]:
+    """Every field of a PL011 state, checked: (storage registers by offset, IMSC, RIS, RX bytes,
+    tx_count, bad_accesses). ValueError naming the first bad field."""
+    _CHECK.header(state, _STATE_KEYS)
+    saved = state["regs"]
+    if not isinstance(saved, dict):
+        raise _CHECK.error(f"regs must be a dict, not {type(saved).__name__}")
+    names = set(_STORAGE_NAMES.values())
+    if saved.keys() != names:
+        odd = sorted(map(str, saved.keys() ^ names))
+        raise _CHECK.error(f"regs must hold exactly {sorted(names)} (wrong: {', '.join(odd)})")
+    # a register holds only its writable bits (mmio_write masks with them; the resets fit too)
+    regs = {off: _CHECK.int(saved[name], f"regs.{name}", 1 << 32, _STORAGE[off][1])
+            for off, name in _STORAGE_NAMES.items()}
+    imsc = _CHECK.int(state["imsc"], "imsc", 1 << 32, INT_ALL)
+    ris = _CHECK.int(state["ris"], "ris", 1 << 32, _LATCHED)
+    rx = state["rx"]
+    if not isinstance(rx, str):
+        raise _CHECK.error(f"rx must be a string of hex digit pairs, not {type(rx).__name__}")
+    if len(rx) > 2 * RX_STATE_MAX:
+        raise _CHECK.error(f"rx holds {len(rx) // 2} bytes, more than {RX_STATE_MAX}")
+    if not _HEX.fullmatch(rx):              # (bytes.fromhex alone would skip whitespace)
+        raise _CHECK.error("rx must be a string of hex digit pairs (the unread bytes)")
+    tx_count = _CHECK.int(state["tx_count"], "tx_count", 1 << 64)
+    bad_accesses = _CHECK.int(state["bad_accesses"], "bad_accesses", 1 << 64)
+    return regs, imsc, ris, bytes.fromhex(rx), tx_count, bad_accesses
