@@ -267,13 +267,14 @@ class _ConsoleWatch:
         self.out.flush()
 
     def _migrate(self) -> None:
-        from kvmits.errors import KvmitsError
-
         session = self.box[0]
         try:
             report = session.migrate(self.its)
-        except (KvmitsError, OSError, TimeoutError) as exc:
-            print(f"\nkvmits run: migration failed: {exc}", file=sys.stderr)
+        except Exception as exc:    # noqa: BLE001 - the thread's end: the run reports it, exit 1
+            # The run was asked to migrate, and a guest waiting for it (--then-send) would wait
+            # out --timeout: end the VM (the source, resumed) with the failure instead.
+            exc.add_note(f"(in the --migrate-on migration to the {self.its or 'same'} ITS)")
+            session.machine.fail(exc)
             return
         print(f"\nkvmits run: migrated ({report['its'][0]} -> {report['its'][1]} ITS), "
               f"downtime {report['downtime'] * 1000:.1f} ms", file=sys.stderr)

@@ -305,6 +305,10 @@ class Machine:
         """End the VM from the host (MachineExit "stopped") unless it already ended; no wait."""
         self.runner.stop()
 
+    def fail(self, error: BaseException) -> None:
+        """End the VM with `error`, which wait() re-raises, unless it already ended; no wait."""
+        self.runner.fail(error)
+
     def pause_all(self, timeout: float | None = 30.0) -> None:
         """Every vCPU outside KVM_RUN until resume_all(): what vGIC/ITS attribute access needs.
         Nests; safe from a vCPU thread (see kvmits.machine.runner)."""

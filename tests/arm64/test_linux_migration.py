@@ -21,7 +21,7 @@ from kvmits.lab.linux_guest import GuestReport, LinuxGuest
 
 pytestmark = pytest.mark.arm64
 
-TIMEOUT = 600
+TIMEOUT = 300
 CMDLINE = "console=ttyAMA0 quiet panic=-1"
 JOB = """
 echo "KVMITS-MIGRATE-NOW: migrate the VM, then press a key"

@@ -86,3 +86,50 @@ def test_restore_usage_errors_come_before_any_vm(argv, message, capsys):
     args = build_parser().parse_args(argv)
     assert args.func(args) == 2
     assert message in capsys.readouterr().err
+
+
+class _FakeMachine:
+    def __init__(self):
+        import threading
+        self.failed = threading.Event()
+        self.error = None
+        self.fed = []
+        self.uart = self
+
+    def fail(self, error):
+        self.error = error
+        self.failed.set()
+
+    def feed(self, data):
+        self.fed.append(data)
+
+
+class _FailingSession:
+    def __init__(self, machine):
+        self.machine = machine
+        self.calls = []
+
+    def migrate(self, its):
+        self.calls.append(its)
+        raise AttributeError("a device has no save_state")
+
+
+def test_a_failed_migrate_on_migration_ends_the_vm_with_the_failure():
+    """--migrate-on: a migration that fails ends the run (exit 1 with the error) rather than
+    leaving a guest that waits for --then-send's key to wait out --timeout."""
+    import io
+    import re
+
+    from kvmits.cli.run import _ConsoleWatch
+
+    machine = _FakeMachine()
+    session = _FailingSession(machine)
+    out = io.BytesIO()
+    watch = _ConsoleWatch(out, [session], re.compile("^MIGRATE-NOW"), "user", "go\\n")
+    watch.write(b"booting\nMIGRATE-NOW please\n")
+    assert machine.failed.wait(10)
+    assert session.calls == ["user"]
+    assert isinstance(machine.error, AttributeError)
+    assert "--migrate-on migration to the user ITS" in " ".join(machine.error.__notes__)
+    assert machine.fed == []                      # the key is not sent: nothing migrated
+    assert out.getvalue() == b"booting\nMIGRATE-NOW please\n"
