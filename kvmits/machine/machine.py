@@ -290,7 +290,12 @@ class Machine:
         """Start the vCPU threads (from the main thread, or after install_kick_handler())."""
         if self.boot is None and not self.restored:
             raise RuntimeError("nothing loaded: call load() (or restore a state) first")
+        first = not self.runner.started
         self.runner.start()
+        if first and self.restored:
+            for entry in self.pci_devices.values():
+                # what the source's devices may have left unserved or undelivered (resume_queues)
+                entry.notifier.kick(entry.function.resume_queues())
 
     def wait(self, timeout: float | None = None) -> MachineExit:
         """Until the VM ends: its MachineExit, or the failure of a vCPU thread re-raised.
@@ -316,6 +321,30 @@ class Machine:
 
     def resume_all(self) -> None:
         self.runner.resume_all()
+
+    def quiesce(self, timeout: float = 30.0) -> None:
+        """Every vCPU paused and every device thread idle (the request it serves finished, no
+        other begun) until unquiesce(): a state that can be saved (kvmits.machine.state)."""
+        self.pause_all(timeout)
+        done = []
+        try:
+            for entry in self.pci_devices.values():
+                entry.notifier.pause(timeout)
+                done.append(entry.notifier)
+        except BaseException:
+            for notifier in done:
+                notifier.resume()
+            self.resume_all()
+            raise
+
+    def unquiesce(self) -> None:
+        for entry in self.pci_devices.values():
+            entry.notifier.resume()
+        self.resume_all()
+
+    @property
+    def quiesced(self) -> bool:
+        return self.runner.paused and all(e.notifier.paused for e in self.pci_devices.values())
 
     @contextmanager
     def paused(self, timeout: float | None = 30.0):

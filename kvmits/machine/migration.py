@@ -3,7 +3,7 @@
     new, report = migrate(machine, its="user")     # machine is closed; new runs the guest on
     print(report["downtime"])                       # seconds from pause to the new VM's start
 
-The steps: pause every vCPU of the source (for good: it never resumes), capture its state
+The steps: pause every vCPU and device thread of the source (for good: it never resumes), capture its state
 (kvmits.machine.state), restore it into a new Machine (the ITS kind `its`, default the same),
 close the source, start the new one. Guest RAM is not copied: the new VM adopts the source's
 memory (a memory slot of its own over the same mapping, as QEMU's local migration with shared
@@ -31,7 +31,7 @@ def migrate(machine, its: str | None = None, *, path=None, console=None):
 
     console = machine.uart.out if console is None else console
     started = time.monotonic()
-    machine.pause_all()
+    machine.quiesce()
     try:
         saved = machine_state.capture(machine)
         captured = time.monotonic()
@@ -42,7 +42,7 @@ def migrate(machine, its: str | None = None, *, path=None, console=None):
             info = write_snapshot(path, saved.meta, saved.sections, saved.ram)
             new = Machine.restore(path, its=its, console=console)
     except BaseException:
-        machine.resume_all()
+        machine.unquiesce()
         raise
     restored = time.monotonic()
     source_kind = machine.config.its

@@ -1,8 +1,9 @@
 """A whole machine's state out and in (issue 13): what a snapshot file or a migration carries.
 
-    with m.paused():
-        state = capture(m)                  # views into m's RAM: valid while m is paused, unclosed
-        write_snapshot(path, state.meta, state.sections, state.ram)
+    m.quiesce()                             # vCPUs and device threads
+    state = capture(m)                      # views into m's RAM: valid while m is paused, unclosed
+    write_snapshot(path, state.meta, state.sections, state.ram)
+    m.unquiesce()
     m2 = restore(state, its="user")         # a new VM, either ITS kind; then m2.start()
 
 capture() takes, with every vCPU outside KVM_RUN, in the order the kernel documents
@@ -17,14 +18,18 @@ capture() takes, with every vCPU outside KVM_RUN, in the order the kernel docume
 3. The vGICv3: the Distributor's SPI registers; each redistributor addressed by its own vCPU's
    MPIDR (GICR_PROPBASER/PENDBASER are per redistributor: cloud-hypervisor once saved vCPU 0's
    for all and lost LPIs); each CPU interface's ICC_* registers; the SPIs' line levels.
-4. The devices: the PL011, the agent's mailbox.
+4. The devices: the PL011, the agent's mailbox, each PCI function (config space, MSI-X, the
+   virtio registers and queue cursors, the device's own; kvmits.machine.devices.virtio.pci),
+   with its device thread paused (Machine.quiesce: the request in flight completes first).
+   A disk's contents are its file's, not the state's: the destination opens the same file.
 5. Guest RAM (the caller copies or writes it: MachineState.ram).
 
 restore() builds a new Machine with the saved configuration (only the ITS kind may change) and
 applies the state before any vCPU runs: RAM; vCPUs; the Distributor; the redistributors
 (GICR_PROPBASER and PENDBASER before GICR_CTLR.EnableLPIs, which the spec ignores them after);
 the CPU interfaces (ICC_SRE_EL1 and ICC_CTLR_EL1 first: the others' layout depends on them);
-line levels; the ITS (registers, tables, GITS_CTLR last); the devices. An LPI the ITS creates
+line levels; the ITS (registers, tables, GITS_CTLR last); the devices (a PCI function's MSI-X
+vectors routed through the restored ITS, then its BARs mapped: the queues' ioeventfds). An LPI the ITS creates
 then takes its pending bit from the pending table (KVM: vgic_add_lpi reads it), which is how
 pending LPIs survive, whichever ITS created them before. Anything refused closes the new
 machine and raises MachineStateError: nothing half-restored runs.
@@ -32,7 +37,10 @@ machine and raises MachineStateError: nothing half-restored runs.
 The virtual counter is restored to its saved value, so guest time stands still while the VM is
 not running rather than jumping (the time a VMM's downtime takes does not show in the guest).
 
-Not yet carried: PCI/virtio devices (capture refuses a machine with them, saying so).
+Once the new vCPUs run, every active virtqueue gets one used-buffer interrupt and one
+notification (Machine.start, VirtioPciFunction.resume_queues): an MSI whose irqfd injection
+KVM had deferred, or a notification the source's device thread had taken but not served, is not
+lost; a spurious one is harmless to the driver and the device.
 """
 
 from __future__ import annotations
@@ -60,8 +68,9 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "kvmits-machine"
 STATE_VERSION = 1
-#: the MachineConfig fields a state carries (the rest, PCI devices, it does not carry yet)
-CONFIG_FIELDS = ("cpus", "mem_size", "its", "nr_irqs", "agent", "translater_devid")
+#: the MachineConfig fields a state carries (its_config is the destination's: the model makes the
+#: choices of the running kernel's ITS, or the caller's)
+CONFIG_FIELDS = ("cpus", "mem_size", "its", "nr_irqs", "agent", "translater_devid", "disks", "rng")
 SECTIONS = ("vcpus", "gic", "its", "devices")
 
 #: ICC_* registers in the order they are restored (QEMU's order too): SRE (system register
@@ -121,13 +130,11 @@ def dist_registers(nr_irqs: int) -> list[tuple[str, int]]:
 
 # -- capture ---------------------------------------------------------------------------------------
 def capture(machine) -> MachineState:
-    """The state of `machine`, whose vCPUs the caller holds paused (Machine.paused()) until it is
-    done with the result (its RAM views). MachineStateError if the machine cannot be saved now."""
-    if machine.pci_devices:
-        raise MachineStateError(f"PCI devices ({', '.join(machine.pci_devices)}) cannot be saved yet: "
-                                "save/restore carries the PL011 and the agent's mailbox only")
-    if not machine.runner.paused:
-        raise MachineStateError("capture() needs every vCPU paused (Machine.paused())")
+    """The state of `machine`, whose vCPUs and device threads the caller holds paused
+    (Machine.quiesce(); Machine.paused() for a machine without PCI devices) until it is done
+    with the result (its RAM views). MachineStateError if the machine cannot be saved now."""
+    if not machine.quiesced:
+        raise MachineStateError("capture() needs every vCPU and device thread paused (Machine.quiesce())")
     cfg = machine.config
     for vcpu in machine.vcpus:
         _complete_pending_exit(vcpu)
@@ -137,6 +144,8 @@ def capture(machine) -> MachineState:
             devices["agent"] = machine.agent.mailbox.save_state()
         except (KvmitsError, ValueError) as e:
             raise MachineStateError(f"the agent's mailbox cannot be saved now: {e}") from e
+    if machine.pci_devices:
+        devices["pci"] = {name: entry.function.save_state() for name, entry in machine.pci_devices.items()}
     started = time.monotonic()
     gic = machine.gic
     its_state = None
@@ -154,7 +163,8 @@ def capture(machine) -> MachineState:
     }
     meta = {
         "format": STATE_FORMAT, "version": STATE_VERSION,
-        "config": {name: getattr(cfg, name) for name in CONFIG_FIELDS},
+        "config": {name: [list(d) for d in cfg.disks] if name == "disks" else getattr(cfg, name)
+                   for name in CONFIG_FIELDS},
         "mpidrs": list(machine.mpidrs),
         "taken": {"host": platform.node(), "kernel": platform.release(), "time": time.time(), "pid": os.getpid()},
     }
@@ -204,9 +214,12 @@ def _save_gic(gic, mpidrs, nr_irqs: int) -> dict:
 def save_file(machine, path) -> SnapshotInfo:
     """Pause `machine`, capture it and write the snapshot file `path` (kvmits.machine.snapshot);
     it resumes afterwards."""
-    with machine.paused():
+    machine.quiesce()
+    try:
         state = capture(machine)
         return write_snapshot(path, state.meta, state.sections, state.ram)
+    finally:
+        machine.unquiesce()
 
 
 def read_file(path) -> tuple[MachineState, Snapshot]:
@@ -255,7 +268,8 @@ def check_state(state: MachineState) -> None:
     if (state.sections["its"] is None) != (config["its"] is None):
         raise MachineStateError("machine state: the ITS section does not match the configuration")
     devices = state.sections["devices"]
-    if not isinstance(devices, dict) or "pl011" not in devices or ("agent" in devices) != bool(config["agent"]):
+    if not isinstance(devices, dict) or "pl011" not in devices or ("agent" in devices) != bool(config["agent"]) \
+            or ("pci" in devices) != bool(config["disks"] or config["rng"]):
         raise MachineStateError("machine state: the devices section does not match the configuration")
 
 
@@ -331,11 +345,27 @@ def apply(machine, state: MachineState, *, ram_adopted: bool = False) -> None:
         machine.uart.load_state(devices["pl011"])
         if machine.agent is not None:
             machine.agent.mailbox.load_state(devices["agent"])
+        _restore_pci(machine, devices.get("pci", {}))
     except (KvmitsError, ValueError) as e:
         raise MachineStateError(f"restoring the devices failed: {e}") from e
     machine.restored = True
     log.info("restored %d vCPUs, vGIC and %s ITS in %.3f s", len(machine.vcpus), machine.config.its,
              time.monotonic() - started)
+
+
+def _restore_pci(machine, saved) -> None:
+    """Each PCI function's state (VirtioPciFunction.load_state: its MSI-X vectors are routed
+    through the ITS restored before), then its BARs mapped where the guest had them, which
+    assigns the queues' ioeventfds. start() then resumes the queues (Machine.start)."""
+    if not isinstance(saved, dict) or set(saved) != set(machine.pci_devices):
+        raise ValueError(f"the state has PCI devices {sorted(saved) if isinstance(saved, dict) else saved!r}, "
+                         f"this machine {sorted(machine.pci_devices)}")
+    for name, entry in machine.pci_devices.items():
+        try:
+            entry.function.load_state(saved[name])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        machine.pci.reload(entry.devid)
 
 
 def _copy_nonzero(ram, gpa: int, data) -> None:

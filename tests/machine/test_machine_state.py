@@ -59,10 +59,11 @@ def test_a_bad_its_state_is_refused_naming_what(mutate, message):
         parse_its_state(state)
 
 
-def machine_state(cpus=2, its="kernel", agent=False):
-    config = dict(cpus=cpus, mem_size=128 << 20, its=its, nr_irqs=128, agent=agent, translater_devid=0)
+def machine_state(cpus=2, its="kernel", agent=False, rng=False):
+    config = dict(cpus=cpus, mem_size=128 << 20, its=its, nr_irqs=128, agent=agent, translater_devid=0, disks=[],
+                  rng=rng)
     assert set(config) == set(CONFIG_FIELDS)
-    devices = {"pl011": {}, **({"agent": {}} if agent else {})}
+    devices = {"pl011": {}, **({"agent": {}} if agent else {}), **({"pci": {"virtio-rng": {}}} if rng else {})}
     return MachineState({"format": "kvmits-machine", "version": 1, "config": config, "mpidrs": [0, 1]},
                         {"vcpus": [{"regs": [[1, "00"]], "mp_state": 0}] * cpus,
                          "gic": {"dist": {}, "redist": [{}] * cpus, "cpu": [{}] * cpus, "line_levels": {}},
@@ -72,6 +73,7 @@ def machine_state(cpus=2, its="kernel", agent=False):
 def test_a_well_formed_state_passes():
     check_state(machine_state())
     check_state(machine_state(its=None, agent=True))
+    check_state(machine_state(rng=True))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -84,6 +86,8 @@ def test_a_well_formed_state_passes():
     (lambda s: s.sections["gic"]["redist"].pop(), "the vGIC section is malformed"),
     (lambda s: s.sections.update(its=None), "the ITS section does not match"),
     (lambda s: s.sections["devices"].update(agent={}), "the devices section does not match"),
+    (lambda s: s.sections["devices"].update(pci={}), "the devices section does not match"),
+    (lambda s: s.meta["config"].update(rng=True), "the devices section does not match"),
 ])
 def test_a_malformed_state_is_refused_before_anything_is_built(mutate, message):
     state = copy.deepcopy(machine_state())

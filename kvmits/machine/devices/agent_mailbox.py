@@ -29,7 +29,7 @@ from kvmits.machine.agent.protocol import (
     MB_PANIC_KIND, MB_REQ, MB_RESULT, MB_VERSION, U64_MASK, AgentError, AgentPanic, AgentProtocolError, AgentRequestFailed,
     AgentStopped, AgentTimeout, Op, describe_request,
 )
-from kvmits.machine.devices.saved_state import StateChecker
+from kvmits.machine.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 

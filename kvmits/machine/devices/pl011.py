@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from kvmits.machine.devices.saved_state import StateChecker
+from kvmits.machine.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,6 @@ _LATCHED = INT_TX
 #: typeahead and still a bounded allocation
 RX_STATE_MAX = 1 << 20
 _STATE_KEYS = frozenset(("format", "version", "regs", "imsc", "ris", "rx", "tx_count", "bad_accesses"))
-_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 class Pl011:
@@ -252,13 +250,7 @@ def _check_state(state) -> tuple[dict[int, int], int, int, bytes, int, int]:
             for off, name in _STORAGE_NAMES.items()}
     imsc = _CHECK.int(state["imsc"], "imsc", 1 << 32, INT_ALL)
     ris = _CHECK.int(state["ris"], "ris", 1 << 32, _LATCHED)
-    rx = state["rx"]
-    if not isinstance(rx, str):
-        raise _CHECK.error(f"rx must be a string of hex digit pairs, not {type(rx).__name__}")
-    if len(rx) > 2 * RX_STATE_MAX:
-        raise _CHECK.error(f"rx holds {len(rx) // 2} bytes, more than {RX_STATE_MAX}")
-    if not _HEX.fullmatch(rx):              # (bytes.fromhex alone would skip whitespace)
-        raise _CHECK.error("rx must be a string of hex digit pairs (the unread bytes)")
+    rx = _CHECK.hex(state["rx"], "rx", most=RX_STATE_MAX)
     tx_count = _CHECK.int(state["tx_count"], "tx_count", 1 << 64)
     bad_accesses = _CHECK.int(state["bad_accesses"], "bad_accesses", 1 << 64)
-    return regs, imsc, ris, bytes.fromhex(rx), tx_count, bad_accesses
+    return regs, imsc, ris, rx, tx_count, bad_accesses

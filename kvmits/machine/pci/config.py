@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from kvmits.machine.saved_state import StateChecker
+
 CONFIG_SPACE_SIZE = 4096        # PCIe Base 4.0, 7.2.2 (ECAM: 4 KiB per function)
 PCI_STD_HEADER_SIZEOF = 64      # the type 0 header; capabilities start at 0x40 or later
 
@@ -57,6 +59,8 @@ PCI_CAP_ID_VNDR = 0x09
 PCI_CAP_ID_EXP = 0x10
 PCI_CAP_ID_MSIX = 0x11
 PCI_CAP_LIST_NEXT = 1            # offset of the next pointer in every capability
+
+_CHECK = StateChecker("PCI config space")
 
 #: The smallest memory BAR kvmits gives a function: one 4 KiB page, so a BAR never shares a
 #: page with another device and each can be a separate KVM memory slot or bus entry.
@@ -176,6 +180,29 @@ class ConfigSpace:
         if not bar.is_64bit:
             return low
         return low | struct.unpack_from("<I", self.data, offset + 4)[0] << 32
+
+    # -- save and restore (issue 13) ----------------------------------------------------------------
+    def save_state(self) -> str:
+        """The 4 KiB as hex: what software wrote (and the read-only bytes, which load_state checks)."""
+        return bytes(self.data).hex()
+
+    def load_state(self, saved) -> None:
+        """Take the writable bits of a save_state() string (check_state first: nothing changes
+        if it fails), without calling the watches: the caller brings the users of the registers
+        up to date (PciHost.reload, Msix.load_state)."""
+        data = self.check_state(saved)
+        self.data[:] = bytes((old & ~mask | new & mask) & 0xFF for old, new, mask in zip(self.data, data, self.wmask))
+
+    def check_state(self, saved) -> bytes:
+        """A save_state() string, checked: 4 KiB of hex whose read-only bytes are this
+        function's own (a different device, with other IDs, BAR types or capabilities, is
+        refused: ValueError naming the first byte that differs)."""
+        data = _CHECK.hex(saved, "config", CONFIG_SPACE_SIZE)
+        for i, (old, new, mask) in enumerate(zip(self.data, data, self.wmask)):
+            if (old ^ new) & ~mask & 0xFF:
+                raise _CHECK.error(f"byte {i:#x} is read-only here: saved {new:#04x}, this function "
+                                   f"has {old:#04x} (not the same device)")
+        return data
 
     # -- guest accesses (through the host bridge: never raise) -------------------------------------
     def read(self, offset: int, size: int) -> int:

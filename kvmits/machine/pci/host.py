@@ -147,6 +147,11 @@ class PciHost:
             if on_bar is not None:
                 on_bar(index, address)
 
+    def reload(self, devfn: int) -> None:
+        """Map `devfn`'s BARs as its config space says now: after ConfigSpace.load_state, which
+        calls no watch (a restore, issue 13)."""
+        self._update_bars(devfn)
+
     def _refuse(self, devfn: int, index: int, address: int, why: str) -> None:
         self.bar_refusals += 1
         if (devfn, index, address) not in self._refused_logged:

@@ -27,6 +27,7 @@ import struct
 from typing import Protocol
 
 from kvmits.machine.pci.config import PCI_CAP_ID_MSIX, ConfigSpace
+from kvmits.machine.saved_state import StateChecker
 
 PCI_MSIX_FLAGS = 2                     # Message Control, from the capability's start
 PCI_MSIX_FLAGS_QSIZE = 0x07FF          # table size - 1
@@ -42,6 +43,8 @@ PCI_MSIX_ENTRY_DATA = 8
 PCI_MSIX_ENTRY_VECTOR_CTRL = 12
 PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x1
 MAX_VECTORS = 2048                     # the 11-bit table size field
+
+_CHECK = StateChecker("MSI-X")
 
 
 class MsixSink(Protocol):
@@ -113,6 +116,39 @@ class Msix:
     def _deliverable(self, vector: int) -> bool:
         return self._live and not self.masked(vector)
 
+    # -- save and restore (issue 13) -------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The vector table and the PBA (hex) and the counters; Message Control is in config space."""
+        return {"table": bytes(self.table).hex(), "pending": bytes(self.pending).hex(),
+                "latched": self.latched, "replayed": self.replayed}
+
+    def load_state(self, saved) -> None:
+        """Apply a save_state() dict after the config space (Message Control) was restored:
+        every field checked first (ValueError naming it; nothing changes), then the table and
+        the PBA, and, if MSI-X is enabled and the function unmasked, each unmasked vector is
+        routed again (sink.route: the new VM's MSI routes) and one pending there is sent, as
+        an unmask would (a consistent state has none: it was sent when it was latched)."""
+        table, pending, latched, replayed = self.check_state(saved)
+        self.table[:] = table
+        self.pending[:] = pending
+        self.latched, self.replayed = latched, replayed
+        self._live = False
+        self.control_written()
+
+    def check_state(self, saved) -> tuple[bytes, bytes, int, int]:
+        """The fields of a save_state() dict for this function's vector count, checked
+        (ValueError naming the first bad one): (table, pending, latched, replayed)."""
+        _CHECK.fields(saved, ("table", "pending", "latched", "replayed"), None)
+        table = _CHECK.hex(saved["table"], "table", len(self.table))
+        pending = _CHECK.hex(saved["pending"], "pending", len(self.pending))
+        for v in range(self.vectors):
+            at = v * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL
+            _CHECK.int(int.from_bytes(table[at:at + 4], "little"), f"table[{v}] Vector Control", 1 << 32,
+                       PCI_MSIX_ENTRY_CTRL_MASKBIT)     # the other bits are reserved (6.8.2.9)
+        _CHECK.int(int.from_bytes(pending, "little"), "pending", 1 << self.vectors)     # no bit past the last vector
+        return table, pending, _CHECK.int(saved["latched"], "latched", 1 << 64), \
+            _CHECK.int(saved["replayed"], "replayed", 1 << 64)
+
     # -- the device side ------------------------------------------------------------------------
     def signal(self, vector: int) -> bool:
         """The function raises `vector`: True if sent, False if latched in the PBA (or no such
@@ -182,3 +218,4 @@ class Msix:
             self.pending[vector >> 3] &= ~(1 << (vector & 7))
             self.replayed += 1
             self.sink.fire(vector)
+

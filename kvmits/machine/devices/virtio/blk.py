@@ -59,6 +59,7 @@ import threading
 from kvmits.errors import GuestMemoryError
 from kvmits.machine.devices.virtio.virtqueue import (MAX_QUEUE_SIZE, VIRTIO_RING_F_EVENT_IDX,
                                                      VIRTIO_RING_F_INDIRECT_DESC, Virtqueue)
+from kvmits.machine.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ SEG_MAX_LIMIT = 254
 
 #: the set_needs_reset reason of a chain that cannot be completed
 BLK_BAD_REQUEST = "BLK_BAD_REQUEST"
+
+_CHECK = StateChecker("virtio-blk")
 
 _STATUS = tuple(bytes((s,)) for s in range(3))
 
@@ -218,6 +221,29 @@ class VirtioBlk:
     def _flush_negotiated(self) -> bool:
         fn = self.function
         return fn is not None and fn.negotiated(VIRTIO_BLK_F_FLUSH)
+
+    # -- save and restore (issue 13; with VirtioPciFunction.save_state) ------------------------------
+    def save_state(self) -> dict:
+        """What the device keeps besides its transport: the queues a bad request stopped, and
+        the disk's shape, which a restore checks (the disk's contents are the file's: a
+        snapshot does not carry them, the destination opens the same file)."""
+        with self._lock:
+            return {"capacity": self.capacity, "readonly": self.readonly, "num_queues": len(self.queue_max_sizes),
+                    "stopped": sorted(self._stopped)}
+
+    def load_state(self, saved) -> None:
+        """Apply a save_state() dict: ValueError (nothing changes) if it is malformed or the
+        disk is not the same shape (capacity, read-only, queues): a guest's driver keeps its
+        view of the disk across a migration."""
+        _CHECK.fields(saved, ("capacity", "readonly", "num_queues", "stopped"), None)
+        mine = {"capacity": self.capacity, "readonly": self.readonly, "num_queues": len(self.queue_max_sizes)}
+        for name, value in mine.items():
+            if saved[name] != value or type(saved[name]) is not type(value):
+                raise _CHECK.error(f"the disk {self.path} has {name} {value!r}, the state {saved[name]!r}")
+        stopped = {_CHECK.int(i, "stopped[]", len(self.queue_max_sizes))
+                   for i in _CHECK.list(saved["stopped"], "stopped", len(self.queue_max_sizes))}
+        with self._lock:
+            self._stopped = stopped
 
     # -- lifetime ---------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -44,6 +44,9 @@ class QueueNotifier:
             self._selector.register(efd.fileno(), selectors.EVENT_READ, index)
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: held by the thread while it serves a notification, and by pause() until resume()
+        self._serving = threading.Lock()
+        self.paused = False
         #: notifications taken from the eventfds (each one a notify_queue call)
         self.notifications = 0
         #: ioeventfd (de)assignments KVM refused (the notify writes then exit as MMIO)
@@ -95,10 +98,31 @@ class QueueNotifier:
                     continue
                 if efds[index].read():
                     self.notifications += 1
-                    try:
-                        function.notify_queue(index)
-                    except Exception:      # noqa: BLE001 - a device bug must not end its thread silently
-                        log.exception("%s: queue %d's device raised; the queue is left as it is", self.name, index)
+                    with self._serving:
+                        try:
+                            function.notify_queue(index)
+                        except Exception:  # noqa: BLE001 - a device bug must not end its thread silently
+                            log.exception("%s: queue %d's device raised; the queue is left as it is",
+                                          self.name, index)
+
+    # -- quiescing, for a save (issue 13) -------------------------------------------------------
+    def pause(self, timeout: float = 30.0) -> None:
+        """Wait for the notification being served (a request in flight completes: with the
+        vCPUs paused no more come) and serve none until resume(); notifications that arrive
+        meanwhile wait in their eventfds. TimeoutError if one is still served after `timeout`."""
+        if not self._serving.acquire(timeout=timeout):
+            raise TimeoutError(f"{self.name}: a queue notification is still being served after {timeout} s")
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._serving.release()
+
+    def kick(self, queues) -> None:
+        """Have the thread serve `queues` as if the driver had notified them (after a restore)."""
+        for index in queues:
+            self._efds[index].write(1)
 
     def close(self) -> None:
         """Stop the thread (after the notification it may be serving), remove the ioeventfds
@@ -110,6 +134,7 @@ class QueueNotifier:
             if self.vm.fd >= 0:
                 self._deassign()
         self._wake.write(1)
+        self.resume()
         if self._thread is not None:
             self._thread.join(10)
         self._selector.close()

@@ -66,6 +66,7 @@ from kvmits.machine.devices.virtio.virtqueue import (MAX_QUEUE_SIZE, Chain, VIRT
                                                      VirtqueueConfigError, VirtqueueError, VirtqueueStats)
 from kvmits.machine.pci.config import PCI_CAP_ID_VNDR, Bar, ConfigSpace
 from kvmits.machine.pci.msix import PCI_MSIX_ENTRY_SIZE, Msix, MsixSink
+from kvmits.machine.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,17 @@ MSIX_TABLE_OFFSET = 0
 
 #: the set_needs_reset reason of a queue_enable the Virtqueue refused (VirtqueueConfigError)
 QUEUE_CONFIG_REFUSED = "QUEUE_CONFIG_REFUSED"
+
+STATE_FORMAT = "kvmits-virtio-pci"
+STATE_VERSION = 1
+_CHECK = StateChecker("virtio-pci", STATE_FORMAT, STATE_VERSION)
+_STATE_KEYS = ("format", "version", "config", "msix", "regs", "queues", "counters", "needs_reset", "device")
+#: the common configuration registers a state carries, and the bound of each (its width: 4.1.4.3)
+_REG_LIMITS = {"device_feature_select": 1 << 32, "driver_feature_select": 1 << 32, "driver_features": 1 << 64,
+               "config_msix_vector": 1 << 16, "status": 1 << 8, "queue_select": 1 << 16,
+               "isr": (VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG) + 1, "config_generation": 1 << 8}
+_REG_KEYS = (*_REG_LIMITS, "deferred")
+_QUEUE_KEYS = ("size", "msix_vector", "enabled", "desc", "driver", "device", "vq")
 
 
 class VirtioDevice(Protocol):
@@ -389,6 +401,133 @@ class VirtioPciFunction:
         if not 0 <= index < len(self.queues):
             raise IndexError(f"{self.name} has no queue {index}")
         return NotifyAddress(VIRTIO_BAR, NOTIFY_CFG_OFFSET + index * NOTIFY_OFF_MULTIPLIER, 2, None)
+
+    # -- save and restore (issue 13) -------------------------------------------------------------
+    #: the guest-mistake counters a state carries, so they count over the guest's whole life
+    _COUNTERS = ("bad_accesses", "dropped_notifies", "deferred_notifies", "refused_features", "bad_queue_sizes",
+                 "intx_less", "no_vector")
+
+    def save_state(self) -> dict:
+        """The function's state as a JSON-able dict: configuration space (BARs, command, MSI-X
+        Message Control), the MSI-X table and PBA, the common configuration registers, each
+        queue's registers and, for an enabled queue, its Virtqueue's cursors, the ISR, the
+        counters, and the device's own state (device.save_state(), for a device that has one).
+        The caller makes sure no notify is being served (the machine's device threads paused,
+        the vCPUs too): a queue in the middle of a request would be saved half-way."""
+        with self._lock:
+            return {
+                "format": STATE_FORMAT, "version": STATE_VERSION,
+                "config": self.config.save_state(),
+                "msix": self.msix.save_state(),
+                "regs": {"device_feature_select": self.device_feature_select,
+                         "driver_feature_select": self.driver_feature_select,
+                         "driver_features": self.driver_features, "config_msix_vector": self.config_msix_vector,
+                         "status": self.status, "queue_select": self.queue_select, "isr": self.isr,
+                         "config_generation": self.config_generation, "deferred": sorted(self._deferred)},
+                "queues": [{"size": q.size, "msix_vector": q.msix_vector, "enabled": q.enabled, "desc": q.desc,
+                            "driver": q.driver, "device": q.device,
+                            "vq": None if q.vq is None else q.vq.save_state()} for q in self.queues],
+                "counters": {name: getattr(self, name) for name in self._COUNTERS},
+                "needs_reset": dict(self.needs_reset),
+                "device": self.device.save_state() if hasattr(self.device, "save_state") else None,
+            }
+
+    def load_state(self, state) -> None:
+        """Apply a save_state() dict to this function, built for the same device and not yet
+        used by a guest. The dict is not trusted (it may come from a file a user edited): every
+        field is checked first (ValueError naming it; nothing changes), including that the
+        configuration space's read-only bytes are this function's (the same device) and that
+        each enabled queue is one the Virtqueue accepts; then it is applied: registers, queues
+        (their Virtqueues made with the saved addresses, negotiated ring features and cursors),
+        config space, MSI-X (whose unmasked vectors are routed again: the new VM's MSI routes),
+        the device's own state. No watch fires: the caller maps the BARs (PciHost.reload) and
+        then, once the vCPUs run, resumes the queues (resume_queues)."""
+        with self._lock:
+            _CHECK.header(state, _STATE_KEYS)
+            regs = _CHECK.fields(state["regs"], _REG_KEYS, "regs")
+            values = {k: _CHECK.int(regs[k], f"regs.{k}", limit) for k, limit in _REG_LIMITS.items()}
+            if values["driver_features"] & ~self.device_features and values["status"] & VIRTIO_CONFIG_S_FEATURES_OK:
+                raise _CHECK.error("regs.driver_features has bits the device does not offer, with FEATURES_OK")
+            if values["status"] & ~(DRIVER_STATUS_BITS | VIRTIO_CONFIG_S_NEEDS_RESET):
+                raise _CHECK.error(f"regs.status {values['status']:#x} has reserved bits")
+            if values["config_msix_vector"] not in (VIRTIO_MSI_NO_VECTOR, *range(self.msix.vectors)):
+                raise _CHECK.error(f"regs.config_msix_vector {values['config_msix_vector']} is not a vector "
+                                   f"of this function")
+            deferred = _CHECK.list(regs["deferred"], "regs.deferred", len(self.queues))
+            deferred = {_CHECK.int(i, "regs.deferred[]", len(self.queues)) for i in deferred}
+            saved_queues = _CHECK.list(state["queues"], "queues", len(self.queues))
+            if len(saved_queues) != len(self.queues):
+                raise _CHECK.error(f"queues: {len(saved_queues)} saved, the device has {len(self.queues)}")
+            features = values["driver_features"] & self.device_features
+            queues = [self._check_queue(i, q, saved, features) for i, (q, saved) in
+                      enumerate(zip(self.queues, saved_queues))]
+            counters = _CHECK.fields(state["counters"], self._COUNTERS, "counters")
+            counters = {k: _CHECK.int(v, f"counters.{k}", 1 << 64) for k, v in counters.items()}
+            needs_reset = state["needs_reset"]
+            if not isinstance(needs_reset, dict) or len(needs_reset) > len(VirtqueueError) + 8:
+                raise _CHECK.error("needs_reset must be a dict of reason -> count")
+            needs_reset = {str(k): _CHECK.int(v, f"needs_reset.{k}", 1 << 64) for k, v in needs_reset.items()}
+            self.config.check_state(state["config"])
+            self.msix.check_state(state["msix"])
+            device_state = state["device"]
+            if (device_state is None) != (not hasattr(self.device, "load_state")):
+                raise _CHECK.error("device: the saved device state does not match the device")
+            if device_state is not None:
+                self.device.load_state(device_state)        # checked first, then applied
+            # everything checked: apply
+            for name, value in values.items():
+                setattr(self, name, value)
+            self._deferred = deferred
+            for q, (size, vector, enabled, desc, driver, device, vq) in zip(self.queues, queues):
+                q.size, q.msix_vector, q.enabled, q.desc, q.driver, q.device, q.vq = \
+                    size, vector, enabled, desc, driver, device, vq
+            for name, value in counters.items():
+                setattr(self, name, value)
+            self.needs_reset = collections.Counter(needs_reset)
+            self.config.load_state(state["config"])
+            self.msix.load_state(state["msix"])
+
+    def _check_queue(self, index: int, q: _Queue, saved, features: int) -> tuple:
+        what = f"queues[{index}]"
+        _CHECK.fields(saved, _QUEUE_KEYS, what)
+        size = _CHECK.int(saved["size"], f"{what}.size", q.max_size + 1)
+        if size == 0 or size & (size - 1):
+            raise _CHECK.error(f"{what}.size {size} is not a power of 2 (2.7)")
+        vector = _CHECK.int(saved["msix_vector"], f"{what}.msix_vector", 1 << 16)
+        if vector != VIRTIO_MSI_NO_VECTOR and vector >= self.msix.vectors:
+            raise _CHECK.error(f"{what}.msix_vector {vector} is not a vector of this function")
+        desc, driver, device = (_CHECK.int(saved[k], f"{what}.{k}", 1 << 64) for k in ("desc", "driver", "device"))
+        enabled = saved["enabled"]
+        if type(enabled) is not bool:
+            raise _CHECK.error(f"{what}.enabled must be a bool, not {enabled!r}")
+        if enabled != (saved["vq"] is not None):
+            raise _CHECK.error(f"{what}: an enabled queue has a virtqueue state, a disabled one none")
+        vq = None
+        if enabled:
+            try:
+                vq = Virtqueue(self.memory, size, desc, driver, device,
+                               event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
+                               indirect_desc=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1),
+                               stats=self.stats, name=f"{self.name}.{index}")
+                vq.load_state(saved["vq"])
+            except ValueError as e:         # VirtqueueConfigError, or a malformed cursor state
+                raise _CHECK.error(f"{what}: {e}") from None
+        return size, vector, enabled, desc, driver, device, vq
+
+    def resume_queues(self) -> list[int]:
+        """After a restore, once the vCPUs run: the enabled queues of a driver past DRIVER_OK,
+        each sent a used-buffer notification (resend_used) and returned, for the caller to
+        notify them (their eventfds). A notification the source's device thread took but had
+        not served, or an MSI whose irqfd injection KVM had not finished (irqfd_wakeup may
+        defer it to a work item), would otherwise be lost, and the driver wait for it for ever;
+        a spurious one is harmless (the driver or the device finds nothing new: 2.7.13, 2.7.14)."""
+        with self._lock:
+            if not self.driver_ok:
+                return []
+            active = [i for i, q in enumerate(self.queues) if q.vq is not None and q.vq.broken is None]
+        for index in active:
+            self.notify_used(index)
+        return active
 
     # -- the device's side ------------------------------------------------------------------------
     def notify_queue(self, index: int) -> bool:

@@ -33,6 +33,7 @@ import struct
 import threading
 
 from kvmits.errors import GuestMemoryError
+from kvmits.machine.saved_state import StateChecker
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,28 @@ class Virtqueue:
         """The free-running (mod 2**16) used->idx the device has published."""
         return self._used_idx
 
+    # -- save and restore (issue 13) -------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The device's side of the queue that is not in guest memory: the ring cursors (the
+        next avail entry to consume; the used idx published, and at the last needs_interrupt),
+        whether driver notifications are enabled, and the reason it broke (None if working).
+        The rings themselves are in guest RAM, which travels with it."""
+        return {"last_avail_idx": self._last_avail, "used_idx": self._used_idx,
+                "signalled_used": self._signalled_used, "notify": self._notify,
+                "broken": None if self.broken is None else self.broken.name, "broken_detail": self.broken_detail}
+
+    def load_state(self, saved: dict) -> None:
+        """Apply a save_state() dict (checked by check_state) to this queue, made with the saved
+        addresses and features and never popped from. The guest's rings are not read or written:
+        they are as the source left them."""
+        last, used, signalled, notify, broken, detail = check_state(saved)
+        self._last_avail = self._avail_shadow = last
+        self._used_idx = used
+        self._signalled_used = signalled
+        self._notify = notify
+        self.broken = broken
+        self.broken_detail = detail
+
     def _fail(self, reason: VirtqueueError, detail: str) -> VirtqueueError:
         self.broken = reason
         self.broken_detail = detail
@@ -462,3 +485,29 @@ class Virtqueue:
         return (f"Virtqueue({self.name}, size={self.size}, desc={self.desc:#x}, avail={self.avail:#x}, "
                 f"used={self.used:#x}, last_avail={self._last_avail}, used_idx={self._used_idx}"
                 f"{', broken=' + self.broken.name if self.broken else ''})")
+
+
+_CHECK = StateChecker("virtqueue")
+_STATE_KEYS = ("last_avail_idx", "used_idx", "signalled_used", "notify", "broken", "broken_detail")
+#: a broken queue's detail is a line of text the device wrote; a bound against an edited file
+BROKEN_DETAIL_MAX = 4096
+
+
+def check_state(saved) -> tuple[int, int, int, bool, VirtqueueError | None, str]:
+    """The fields of a Virtqueue.save_state() dict, checked (ValueError naming the first bad
+    one): (last_avail_idx, used_idx, signalled_used, notify, broken, broken_detail)."""
+    _CHECK.fields(saved, _STATE_KEYS, None)
+    last, used, signalled = (_CHECK.int(saved[k], k, 1 << 16) for k in ("last_avail_idx", "used_idx",
+                                                                         "signalled_used"))
+    notify = saved["notify"]
+    if type(notify) is not bool:
+        raise _CHECK.error(f"notify must be a bool, not {notify!r}")
+    broken = saved["broken"]
+    if broken is not None:
+        if broken not in VirtqueueError.__members__:
+            raise _CHECK.error(f"broken {broken!r} is not a VirtqueueError reason")
+        broken = VirtqueueError[broken]
+    detail = saved["broken_detail"]
+    if not isinstance(detail, str) or len(detail) > BROKEN_DETAIL_MAX:
+        raise _CHECK.error(f"broken_detail must be a string of at most {BROKEN_DETAIL_MAX} characters")
+    return last, used, signalled, notify, broken, detail

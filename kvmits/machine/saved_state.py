@@ -9,13 +9,16 @@ another device, or of an older layout, is refused before any field is read.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 class StateChecker:
     """The checks for one device's state dicts; `owner` names it in every message ("PL011")."""
 
-    def __init__(self, owner: str, fmt: str, version: int):
+    def __init__(self, owner: str, fmt: str | None = None, version: int | None = None):
         self.owner = owner
         self.format = fmt
         self.version = version
@@ -58,6 +61,19 @@ class StateChecker:
         if mask is not None and value & ~mask:
             raise self.error(f"{what} = {value:#x} sets bits outside {mask:#x}")
         return value
+
+    def hex(self, value, what: str, size: int | None = None, most: int | None = None) -> bytes:
+        """value, checked to be a string of hex digit pairs: exactly `size` bytes, or at most
+        `most` (bounded before it is decoded: a state may come from an edited file)."""
+        if not isinstance(value, str):
+            raise self.error(f"{what} must be a string of hex digit pairs, not {type(value).__name__}")
+        if most is not None and len(value) > 2 * most:
+            raise self.error(f"{what} holds {len(value) // 2} bytes, more than {most}")
+        if not _HEX.fullmatch(value):       # (bytes.fromhex alone would skip whitespace)
+            raise self.error(f"{what} must be a string of hex digit pairs")
+        if size is not None and len(value) != 2 * size:
+            raise self.error(f"{what} must be {size} bytes, not {len(value) // 2}")
+        return bytes.fromhex(value)
 
     def list(self, value, what: str, most: int, unit: str = "entries") -> list:
         """value, checked to be a list of at most `most` items."""
