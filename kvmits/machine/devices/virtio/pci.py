@@ -516,7 +516,7 @@ class VirtioPciFunction:
 
     def resume_queues(self) -> list[int]:
         """After a restore, once the vCPUs run: the enabled queues of a driver past DRIVER_OK,
-        each sent a used-buffer notification (resend_used) and returned, for the caller to
+        each sent a used-buffer notification (notify_used) and returned, for the caller to
         notify them (their eventfds). A notification the source's device thread took but had
         not served, or an MSI whose irqfd injection KVM had not finished (irqfd_wakeup may
         defer it to a work item), would otherwise be lost, and the driver wait for it for ever;
