@@ -68,6 +68,21 @@ def _regex(text: str):
         raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({exc})") from None
 
 
+def _trace_classes() -> list[str]:
+    from kvmits.machine.trace import CLASSES
+
+    return list(CLASSES)
+
+
+def _trace_spec(text: str):
+    from kvmits.machine.trace import parse_spec
+
+    try:
+        return parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(subparsers) -> None:
     from kvmits.machine import ITS_KINDS
 
@@ -109,6 +124,12 @@ def register(subparsers) -> None:
                         "for; \\n and \\r are newline and return)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop the guest after this long (exit status 124)")
+    p.add_argument("--trace", metavar="SPEC", type=_trace_spec,
+                   help="trace the ITS traffic kvmits sees as JSON lines (docs/trace.md): SPEC is comma-separated "
+                        "classes or globs, '-' removes (e.g. 'all', 'its_*,irq,mark', 'all,-its_mmio'); classes: "
+                        + ", ".join(_trace_classes()))
+    p.add_argument("--trace-file", metavar="FILE", default="kvmits-trace.jsonl",
+                   help="where --trace writes (default %(default)s; '-' for standard error)")
     p.set_defaults(func=run)
 
 
@@ -148,13 +169,25 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    try:
+        tracer = _open_tracer(args)
+    except OSError as exc:
+        print(f"kvmits run: --trace-file: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run_traced(args, tracer)
+    finally:
+        _close_tracer(tracer, args)
+
+
+def _run_traced(args, tracer) -> int:
     from kvmits.errors import KvmitsError
     from kvmits.machine import Machine, MachineConfig
     from kvmits.machine.loader import ImageError
 
     its = None if args.its == "none" else args.its
     if args.restore is not None:
-        return _restore(args, its)
+        return _restore(args, its, tracer)
     if args.image is None:
         print("kvmits run: an IMAGE to boot, or --restore FILE", file=sys.stderr)
         return EXIT_USAGE
@@ -166,7 +199,7 @@ def _run(args) -> int:
         print(f"kvmits run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     box: list = []                              # the _Session, once there is one
-    console = _console(args, box)
+    console = _console(args, box, tracer)
     try:
         machine = Machine(config, console=console)
     except KvmitsError as exc:
@@ -185,10 +218,10 @@ def _run(args) -> int:
         except (ImageError, OSError) as exc:
             print(f"kvmits run: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _serve(machine, args, console, box)
+        return _serve(machine, args, console, box, tracer)
 
 
-def _restore(args, its) -> int:
+def _restore(args, its, tracer=None) -> int:
     """`--restore FILE`: the saved VM in a new one, ITS kind `its` (None: the saved kind)."""
     from kvmits.errors import KvmitsError
     from kvmits.machine import Machine
@@ -206,23 +239,25 @@ def _restore(args, its) -> int:
         return EXIT_USAGE
     expect = {k: v for k, v in (("cpus", args.cpus), ("mem_size", args.mem)) if v is not None}
     box: list = []
-    console = _console(args, box)
+    console = _console(args, box, tracer)
     try:
         machine = Machine.restore(args.restore, its=its, console=console, expect=expect)
     except KvmitsError as exc:
         print(f"kvmits run: cannot restore {args.restore}: {exc}", file=sys.stderr)
         return EXIT_VMM_ERROR
     with machine:
-        return _serve(machine, args, console, box)
+        return _serve(machine, args, console, box, tracer)
 
 
 class _Session:
     """The machine `kvmits run` serves, which a live migration replaces (control socket
     `migrate`, --migrate-on): the control handlers, stdin and the wait follow `machine`."""
 
-    def __init__(self, machine, args):
+    def __init__(self, machine, args, tracer=None):
         self.machine = machine
         self.args = args
+        #: --trace's Tracer (kvmits.machine.trace), attached to each machine in turn
+        self.tracer = tracer
         #: held for a whole migration: the wait sees the old machine end, then the new one
         self.lock = threading.Lock()
         self.reports: list[dict] = []
@@ -232,6 +267,9 @@ class _Session:
 
         with self.lock:
             new, report = migrate(self.machine, its)
+            if self.tracer is not None:
+                self.tracer.detach()
+                self.tracer.attach(new)
             self.machine = new
             self.reports.append(report)
         log.info("migrated to the %s ITS: %.3f s downtime", report["its"][1], report["downtime"])
@@ -282,19 +320,43 @@ class _ConsoleWatch:
             session.machine.uart.feed(self.then_send)
 
 
-def _console(args, box: list):
+def _console(args, box: list, tracer=None):
     out = sys.stdout.buffer
+    if tracer is not None:
+        out = tracer.console(out)
     if args.migrate_on is None:
         return out
     return _ConsoleWatch(out, box, args.migrate_on, args.migrate_its, args.then_send)
 
 
-def _serve(machine, args, console, box: list) -> int:
+def _open_tracer(args):
+    """--trace's Tracer on --trace-file, or None; OSError if the file cannot be written."""
+    if args.trace is None:
+        return None
+    from kvmits.machine.trace import Tracer
+
+    out = sys.stderr if args.trace_file == "-" else open(args.trace_file, "w", encoding="utf-8")
+    return Tracer(out, args.trace)
+
+
+def _close_tracer(tracer, args) -> None:
+    if tracer is None:
+        return
+    tracer.close()
+    if tracer.out is not sys.stderr:
+        tracer.out.close()
+        print(f"kvmits run: {tracer.events} trace events in {args.trace_file} (kvmits trace summarize "
+              f"{args.trace_file})", file=sys.stderr)
+
+
+def _serve(machine, args, console, box: list, tracer=None) -> int:
     """stdin to the UART, the control socket, and the run until the guest ends; the machine
     may be replaced by migrations meanwhile (the last one is closed here)."""
     from kvmits.errors import KvmitsError
 
-    session = _Session(machine, args)
+    session = _Session(machine, args, tracer)
+    if tracer is not None:
+        tracer.attach(machine)
     box.append(session)
     if sys.stdin is not None and not sys.stdin.closed:
         threading.Thread(target=_feed_stdin, args=(session,), name="stdin", daemon=True).start()

@@ -8,7 +8,7 @@ carried by the testbed into every run at /opt/kvmits/linux-guest:
 - `initramfs.cpio`: busybox, the modules virtio_pci, virtio_blk and virtio_rng need, and /init;
 - `release`: the kernel release, one line.
 
-/init mounts /proc, /sys and /dev, loads the modules (a line "KVMITS-GUEST-INSMOD-FAILED
+/init prints KVMITS-GUEST-INIT, mounts /proc, /sys and /dev, loads the modules (a line "KVMITS-GUEST-INSMOD-FAILED
 <module>: <why>" for each that fails), prints KVMITS-GUEST-READY, runs `sh /job.sh` if the
 initrd has one (its stdout and stderr on the console, stdin /dev/null), prints
 "KVMITS-GUEST-DONE rc=<its status>" (rc=127 without a job), syncs and powers off (PSCI
@@ -46,7 +46,10 @@ TESTBED_MISSING = "/opt/kvmits/linux-guest.missing"
 FILES = ("Image", "initramfs.cpio", "release")
 #: the job's path in the guest
 JOB = "job.sh"
-# /init's console markers (tools/testbed_lib/linux_guest.py imports them for the /init it writes)
+# /init's console markers (tools/testbed_lib/linux_guest.py imports them for the /init it writes):
+# INIT is /init's first word (userspace has started), READY follows the modules' insmod (their
+# devices probed)
+INIT = "KVMITS-GUEST-INIT"
 READY = "KVMITS-GUEST-READY"
 DONE = "KVMITS-GUEST-DONE"
 INSMOD_FAILED = "KVMITS-GUEST-INSMOD-FAILED"

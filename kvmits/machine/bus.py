@@ -60,6 +60,14 @@ class MmioBus:
                 raise ValueError(f"{device!r} is not on the bus")
             self._publish(entries)
 
+    def replace(self, old: MmioDevice, new: MmioDevice) -> None:
+        """Put `new` where `old` is (same range and name), in one step: safe while vCPUs run
+        (an access either reaches the old device or the new one)."""
+        with self._lock:
+            if not any(t[3] is old for t in self._entries):
+                raise ValueError(f"{old!r} is not on the bus")
+            self._publish([(b, e, n, new if d is old else d) for b, e, n, d in self._entries])
+
     def _publish(self, entries) -> None:
         self._entries = entries
         self._table = ([t[0] for t in entries], [t[1] for t in entries],

@@ -11,7 +11,7 @@ For one kernel, a guest is three files (the contract kvmits.lab.linux_guest read
                      and /init, the script below
     release          the kernel release the modules are for, one line
 
-/init mounts /proc, /sys and /dev, insmods the modules in dependency order (a line
+/init prints KVMITS-GUEST-INIT, mounts /proc, /sys and /dev, insmods the modules in dependency order (a line
 "KVMITS-GUEST-INSMOD-FAILED <module>: <insmod's message>" per failure, and on), prints
 KVMITS-GUEST-READY, runs `sh /job.sh` if there is one (its output on the console), prints
 "KVMITS-GUEST-DONE rc=<status>" (rc=127 without a job), syncs and powers off (PSCI SYSTEM_OFF).
@@ -52,7 +52,7 @@ from .log import clock, info, since
 # /init's console markers -- has one definition, kvmits.lab.linux_guest, which parses what this
 # builds. It imports only kvmits.errors and kvmits.newc (standard library), and `from . import
 # newc` above has put this source tree on sys.path.
-from kvmits.lab.linux_guest import DONE, FILES, INSMOD_FAILED, READY  # noqa: E402
+from kvmits.lab.linux_guest import DONE, FILES, INIT, INSMOD_FAILED, READY  # noqa: E402
 from kvmits.lab.linux_guest import TESTBED_DIR, TESTBED_MISSING  # noqa: E402
 
 GUEST_DIR = TESTBED_DIR.lstrip("/")
@@ -266,6 +266,7 @@ def init_script(modules: list[str] | tuple[str, ...]) -> str:
     names = " ".join(modules)
     return f"""#!/bin/busybox sh
 # PID 1 of the kvmits nested Linux guest, made by tools/testbed_lib/linux_guest.py.
+/bin/busybox echo {INIT}
 /bin/busybox --install -s
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
 mount -t proc proc /proc

@@ -39,6 +39,9 @@ class KernelMachineIts(MachineIts):
         self.nr_vcpus = nr_vcpus
         self.pause = pause
         self.routes = MsiRoutes(vm, self.doorbell)
+        #: called after each KVM_SIGNAL_MSI with (devid, eventid, what KVM returned)
+        #: (kvmits.machine.trace); empty unless someone traces
+        self.signal_observers: list[Callable[[int, int, int], None]] = []
 
     @staticmethod
     def create(vm, memmap) -> KernelIts:
@@ -54,7 +57,11 @@ class KernelMachineIts(MachineIts):
         return cls(vm, device, ram, nr_vcpus, pause)
 
     def signal_msi(self, devid: int, eventid: int) -> int:
-        return self.vm.signal_msi(self.doorbell, eventid, devid=devid)
+        delivered = self.vm.signal_msi(self.doorbell, eventid, devid=devid)
+        if self.signal_observers:
+            for fn in self.signal_observers:
+                fn(devid, eventid, delivered)
+        return delivered
 
     def set_msi_routes(self, table: Mapping[tuple[int, int], int]) -> dict:
         return self.routes.set(table)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import selectors
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from kvmits.its.model import Translation
@@ -113,6 +114,9 @@ class UserMsiRoutes:
         self._closed = False
         self.slow_path_msis = 0
         self.compiles = 0
+        #: called after each compile() with (routes in KVM, entries left to Python, seconds)
+        #: (kvmits.machine.trace); empty unless someone traces
+        self.compile_observers: list[Callable[[int, int, float], None]] = []
 
     def set(self, table: Mapping[tuple[int, int], int],
             translate: Callable[[int, int], Translation]) -> dict[tuple[int, int], EventFd]:
@@ -136,6 +140,9 @@ class UserMsiRoutes:
 
     def compile(self, translate: Callable[[int, int], Translation]) -> None:
         """Route every translating entry to the hidden ITS; serve the others from Python."""
+        observed = self.compile_observers
+        if observed:
+            t0 = time.perf_counter()
         with self._lock:
             if self._closed:
                 return
@@ -159,6 +166,10 @@ class UserMsiRoutes:
             self.compiles += 1
         self._ensure_thread()
         self._wake.write(1)
+        if observed:
+            seconds = time.perf_counter() - t0
+            for fn in observed:
+                fn(len(direct), len(self._table) - len(direct), seconds)
 
     def _unassign(self, key) -> None:
         if key in self._in_kernel:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from contextlib import AbstractContextManager
 from typing import Callable, Mapping
 
@@ -113,6 +114,10 @@ class UserMachineIts(MachineIts):
         #: first; each is also logged at DEBUG level ("kvmits.machine.its.user")
         self.command_log: collections.deque[CommandRecord] = collections.deque(maxlen=COMMAND_LOG_SIZE)
         model.command_observers.append(self._log_command)
+        #: called after each vCPU stop with (wait, held, commands, vcpus): seconds until every vCPU
+        #: was out of KVM_RUN, seconds they stood still, commands the batch ran, vCPUs stopped
+        #: (kvmits.machine.trace); empty unless someone traces
+        self.stop_observers: list[Callable[[float, float, int, int], None]] = []
 
     @property
     def frame_device(self) -> UserMachineIts:
@@ -195,17 +200,27 @@ class UserMachineIts(MachineIts):
         `action` returned. `generation`: the model's generation to compare with (default: the
         one before `action`)."""
         model, hidden = self.model, self.hidden
-        with self.lock, self.pause():                       # 1. every vCPU outside KVM_RUN
-            if generation is None:
-                generation = model.generation
-            self.stops += 1
-            self.lpi_limit.refresh()                        # the pINTID bound MAPTI checks
-            with hidden.batch():                            # 2. the queue runs; the sink calls
-                result = action()                           #    are queued, in command order
-            hidden.flush()                                  # 3. one GITS_CWRITER on the hidden ITS
-            if model.generation != generation and self.routes is not None:
-                self.routes.compile(model.translate)        # 4. irqfds follow the translation
-        return result                                       # 5. resumed on leaving the pause
+        with self.lock:
+            observed = self.stop_observers
+            if observed:
+                t0, done0 = time.perf_counter(), model.commands_processed
+            with self.pause():                              # 1. every vCPU outside KVM_RUN
+                if observed:
+                    t1 = time.perf_counter()
+                if generation is None:
+                    generation = model.generation
+                self.stops += 1
+                self.lpi_limit.refresh()                    # the pINTID bound MAPTI checks
+                with hidden.batch():                        # 2. the queue runs; the sink calls
+                    result = action()                       #    are queued, in command order
+                hidden.flush()                              # 3. one GITS_CWRITER on the hidden ITS
+                if model.generation != generation and self.routes is not None:
+                    self.routes.compile(model.translate)    # 4. irqfds follow the translation
+            if observed:                                    # 5. resumed on leaving the pause
+                t2 = time.perf_counter()
+                for fn in observed:
+                    fn(t1 - t0, t2 - t0, model.commands_processed - done0, self.nr_vcpus)
+        return result
 
     # -- MachineIts ----------------------------------------------------------------------------------
     def signal_msi(self, devid: int, eventid: int) -> int:

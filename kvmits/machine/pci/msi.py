@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from kvmits.errors import KvmError
 from kvmits.machine.its.routes import MAX_GSI
@@ -44,6 +44,11 @@ class MsiRouter:
         self._device: dict[tuple[int, int], tuple[int, int]] = {}     # key -> (gsi, users)
         self._free = list(gsis)                                          # popped from the top
         self._efds: dict = {}                                           # key -> EventFd
+        #: (kvmits.machine.trace; empty unless someone traces) called with the whole table after
+        #: each time it is set, and with (device, vector, (DeviceID, EventID) or None, sent)
+        #: after each vector a device fires
+        self.route_observers: list[Callable[[dict], None]] = []
+        self.fire_observers: list[Callable[[str, int, tuple | None, bool], None]] = []
 
     # -- users' routes (Machine.set_msi_routes) -------------------------------------------------
     def set_user(self, table: Mapping[tuple[int, int], int]) -> dict:
@@ -94,6 +99,8 @@ class MsiRouter:
         table = {key: gsi for key, (gsi, _) in self._device.items()}
         table.update(self._user)                  # a user route for the same MSI keeps its GSI
         self._efds = self.its.set_msi_routes(table)
+        for fn in self.route_observers:
+            fn(table)
 
     def _route(self, old: tuple[int, int] | None, new: tuple[int, int] | None) -> None:
         """A vector's message went from `old` to `new` (None: not routed). If the new table
@@ -174,13 +181,18 @@ class PciMsiSink:
 
     def fire(self, vector: int) -> None:
         key = self._keys.get(vector)
+        sent = False
         if key is None:
             if vector in self._bad:
                 self.bad_address += 1
             else:
                 self.unrouted += 1
-            return
-        if self.router._fire(key):
+        elif self.router._fire(key):
             self.fired += 1
+            sent = True
         else:
             self.unrouted += 1
+        observers = self.router.fire_observers
+        if observers:
+            for fn in observers:
+                fn(self.name, vector, key, sent)
