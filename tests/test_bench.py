@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,55 @@ def test_bench_quick_json_on_this_host(tmp_path):
     assert {"kvm", "python"} <= paths
     assert "c_floor" in paths or any(s.get("path") == "c_floor" for s in run["skipped"])
     assert all(f["stats"]["n"] == 2 for f in run["figures"])
+
+
+# -- part 5: the Linux workload (issue 14) ---------------------------------------------------------------
+PART5 = Path(__file__).resolve().parent / "data" / "bench-part5-quick.json"
+
+
+def _part5():
+    """A real `kvmits bench --parts 5 --quick --json` of the testbed (6.1), as recorded."""
+    return json.loads(PART5.read_text())
+
+
+def test_a_part_5_result_has_the_schema_and_every_figure_for_both_itses():
+    result = _part5()
+    check(result)
+    (run,) = result["runs"]
+    for name in ("linux_boot", "blk_iops", "blk_latency", "irq_rate", "affinity_moves", "python_its_work",
+                 "its_accesses", "its_commands", "vcpu_stops", "python_translations", "device_interrupts"):
+        assert modes_present(run, name) == {"kernel", "user"}, name
+    bad = _part5()
+    bad["runs"][0]["figures"][0]["part"] = 4
+    with pytest.raises(ValueError, match="linux_boot"):
+        check(bad)
+
+
+def test_part_5_targets_are_computed_from_the_figures():
+    run = _part5()["runs"][0]
+    by_name = {t["name"]: t for t in targets(run)}
+    boot = by_name["Linux boot to userspace, userspace ITS / kernel ITS"]
+    k = next(f for f in run["figures"] if (f["name"], f["its"], f["path"]) == ("linux_boot", "kernel", "userspace"))
+    u = next(f for f in run["figures"] if (f["name"], f["its"], f["path"]) == ("linux_boot", "user", "userspace"))
+    assert boot["measured"] == pytest.approx(u["stats"]["median"] / k["stats"]["median"])
+    assert boot["met"] == (boot["measured"] <= 1.1) and "vCPU stops" in boot["cost"]
+    assert {"virtio-blk IOPS at QD1, userspace ITS / kernel ITS", "virtio-blk IOPS at QD16, userspace ITS / kernel ITS",
+            "Python translations per I/O, userspace ITS"} <= set(by_name)
+    work = by_name["Python translations per I/O, userspace ITS"]
+    assert (work["op"], work["limit"]) == ("<=", 0.0)
+    # a run where the model translated in Python during the I/O misses it
+    for f in run["figures"]:
+        if (f["name"], f["its"]) == ("python_its_work", "user"):
+            f["stats"] = {"median": 0.5, "min": 0.5, "max": 0.5, "p10": 0.5, "p90": 0.5, "n": 1}
+    assert {t["name"]: t for t in targets(run)}["Python translations per I/O, userspace ITS"]["met"] is False
+
+
+def test_demo_linux_table_from_part_5_figures():
+    from kvmits.cli.demo import format_linux_table
+
+    figures = _part5()["runs"][0]["figures"]
+    table = format_linux_table(figures, emulated=True)
+    assert "Linux boot to /init (s)" in table and "EMULATED" in table
+    row = next(line for line in table.splitlines() if line.startswith("ITS commands at boot"))
+    assert row.split()[-1] == "32" and "in KVM" in row
+    assert "4 KiB random reads, QD16 (IOPS)" in table and " x" in table

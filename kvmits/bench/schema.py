@@ -10,7 +10,9 @@ RUN_KEYS = {"where", "arch", "emulated", "figures", "skipped"}
 TARGET_KEYS = {"name", "where", "measured", "op", "limit", "met", "cost"}
 WHERES = {"host", "native", "testbed"}
 NAMES = {"msi_throughput": 1, "msi_latency": 1, "translate_only": 1, "gits_read": 2, "command_batch": 3,
-         "exit_loop": 4}
+         "exit_loop": 4, "linux_boot": 5, "blk_iops": 5, "blk_latency": 5, "irq_rate": 5, "affinity_moves": 5,
+         "python_its_work": 5, "its_accesses": 5, "its_commands": 5, "vcpu_stops": 5, "python_translations": 5,
+         "device_interrupts": 5}
 
 
 def _need(cond: bool, what: str) -> None:

@@ -112,16 +112,81 @@ def format_table(kernel: dict, user: dict, emulated: bool) -> str:
     return "\n".join(lines)
 
 
+#: `kvmits demo --linux`'s rows: (figure name, path, label, unit, digits, kernel ITS seen by kvmits)
+LINUX_ROWS = (
+    ("linux_boot", "userspace", "Linux boot to /init", "s", 2, True),
+    ("linux_boot", "devices_probed", "... to the virtio devices probed", "s", 2, True),
+    ("blk_iops", "qd1", "4 KiB random reads, QD1", "IOPS", 0, True),
+    ("blk_iops", "qd16", "4 KiB random reads, QD16", "IOPS", 0, True),
+    ("blk_latency", "qd1_p50", "read latency QD1, median", "us", 0, True),
+    ("irq_rate", "qd16", "disk interrupts at QD16", "/s", 0, True),
+    ("affinity_moves", "churn", "vector moves by smp_affinity (MOVI)", "/s", 1, True),
+    ("its_accesses", "boot", "GITS accesses at boot", "", 0, False),
+    ("its_commands", "boot", "ITS commands at boot", "", 0, False),
+    ("vcpu_stops", "boot", "vCPU stops at boot", "", 0, False),
+    ("its_commands", "io", "ITS commands per I/O", "", 3, False),
+    ("python_translations", "io", "Python translations per I/O", "", 3, False),
+)
+
+
+def _linux_value(figures: list[dict], name: str, its: str, path: str):
+    for f in figures:
+        if (f["name"], f["its"], f["path"]) == (name, its, path):
+            return f
+    return None
+
+
+def format_linux_table(figures: list[dict], emulated: bool) -> str:
+    """`kvmits demo --linux`: part 5's figures (kvmits.bench.linux) as one short table."""
+    lines = [f"{'':44s} {'kernel ITS':>14s} {'userspace ITS':>14s}"]
+    for name, path, label, unit, digits, kernel_seen in LINUX_ROWS:
+        k, u = _linux_value(figures, name, "kernel", path), _linux_value(figures, name, "user", path)
+        if k is None or u is None:
+            continue
+        kv, uv = k["stats"]["median"], u["stats"]["median"]
+        kt = f"{kv:>14,.{digits}f}" if kernel_seen else f"{'in KVM':>14s}"
+        ratio = f"   x{uv / kv:.2f}" if kernel_seen and kv else ""
+        extra = f" (held {u['held_s'] * 1000:.0f} ms)" if name == "vcpu_stops" else ""
+        lines.append(f"{label + (' (' + unit + ')' if unit else ''):44s} {kt} {uv:>14,.{digits}f}{ratio}{extra}")
+    lines.append("'in KVM': the kernel's ITS does this in the kernel, where kvmits cannot count it.")
+    if emulated:
+        lines.append("Times are EMULATED (arm64 KVM nested in qemu TCG, the testbed): compare the two "
+                     "columns, not with hardware.")
+    return "\n".join(lines)
+
+
+def cmd_linux(args) -> int:
+    """`kvmits demo --linux`: part 5 of kvmits bench, short (one timed and one traced boot per ITS)."""
+    from kvmits.bench import linux
+
+    def progress(msg: str) -> None:
+        print(f"kvmits demo: {msg} ...", file=sys.stderr, flush=True)
+
+    figures, skipped = linux.run_linux(linux.Sizes(quick=True, repeat=1), progress)
+    if skipped:
+        for s in skipped:
+            print(f"kvmits demo --linux: {s['reason']}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump({"emulated": in_testbed(), "figures": figures}, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_linux_table(figures, in_testbed()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     refused = kernel_refused("demo", args)
     if refused is not None:
         return refused
     if needs_testbed():
-        return run_in_testbed("demo", ["demo", "--cpus", str(args.cpus), "--events", str(args.events)]
-                              + (["--json"] if args.json else []), args.kernel)
+        argv = ["demo", "--linux"] if args.linux else ["demo", "--cpus", str(args.cpus), "--events", str(args.events)]
+        return run_in_testbed("demo", argv + (["--json"] if args.json else []), args.kernel)
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("kvmits demo: /dev/kvm is missing or not accessible: run `kvmits probe`", file=sys.stderr)
         return 2
+    if args.linux:
+        return cmd_linux(args)
     runs = {}
     for mode in ("kernel", "user"):
         print(f"kvmits demo: {args.cpus} vCPUs, {args.events} events, {mode} ITS ...", file=sys.stderr, flush=True)
@@ -142,5 +207,8 @@ def register(sub) -> None:
     p.add_argument("--cpus", type=int, default=4, help="vCPUs (default: %(default)s)")
     p.add_argument("--events", type=int, default=16, help="events/LPIs of the demo device (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--linux", action="store_true",
+                   help="a Linux guest instead of the agent: boot, virtio-blk I/O, affinity churn and the ITS "
+                        "traffic with each ITS (kvmits bench part 5, short; a few minutes)")
     add_kernel_option(p)
     p.set_defaults(func=cmd_demo)

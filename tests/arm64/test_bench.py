@@ -31,3 +31,32 @@ def test_bench_quick_json(arm64_kvm):
     assert "c_floor" in exit_paths or any(s.get("path") == "c_floor" for s in run["skipped"])
     assert {t["name"] for t in result["targets"]} >= {"userspace irqfd throughput / kernel irqfd",
                                                       "userspace signal_msi throughput / kernel KVM_SIGNAL_MSI"}
+
+
+def test_bench_part_5_quick_json(arm64_kvm):
+    """Part 5, the Linux workload: both ITSes, the schema, and what the trace counts (issue 14)."""
+    from kvmits.lab.linux_guest import LinuxGuest
+
+    if LinuxGuest.find() is None:
+        pytest.skip(LinuxGuest.why_missing())
+    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--parts", "5", "--quick", "--json", "--no-chart"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    check(result)
+    (run,) = result["runs"]
+    assert not run["skipped"], run["skipped"]
+    for name in ("linux_boot", "blk_iops", "affinity_moves", "its_commands", "python_its_work"):
+        assert modes_present(run, name) == {"kernel", "user"}, name
+    fig = {(f["name"], f["its"], f["path"]): f for f in run["figures"]}
+    for its in ("kernel", "user"):
+        for path in ("qd1", "qd16", "shared_qd16", "shared_qd16_churn"):
+            f = fig[("blk_iops", its, path)]
+            assert f["stats"]["min"] > 0 and f["errors"] == 0 and f["lost"] == 0, f
+        assert fig[("affinity_moves", its, "churn")]["move_failures"] == 0
+    # the userspace ITS: Linux mapped its devices at boot, moved the shared vector by MOVI during
+    # the churn, and no MSI of the I/O was translated in Python
+    assert fig[("its_commands", "user", "boot")]["by_type"]["MAPD"] >= 2
+    assert fig[("its_commands", "user", "io")]["by_type"].get("MOVI", 0) >= 1
+    assert fig[("python_its_work", "user", "per_io")]["stats"]["max"] == 0
+    assert fig[("python_translations", "user", "io")]["stats"]["max"] == 0

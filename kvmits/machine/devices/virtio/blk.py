@@ -159,7 +159,8 @@ class VirtioBlk:
     config_size = VIRTIO_BLK_CONFIG_SIZE
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False, num_queues: int = 1,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, serial: str | bytes | None = None):
+                 queue_size: int = DEFAULT_QUEUE_SIZE, serial: str | bytes | None = None,
+                 msix_vectors: int | None = None):
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues {num_queues} is not in 1..65535 (le16 num_queues, 5.2.4)")
         if not 4 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
@@ -172,6 +173,12 @@ class VirtioBlk:
             raise ValueError(f"serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
         self.path = os.fsdecode(path)
         self.readonly = readonly
+        #: the function's MSI-X table size; None: one vector per queue plus one for configuration
+        #: changes. With 2 and two queues or more, Linux's virtio_pci cannot give each queue its
+        #: own vector and shares one among them (vp_find_vqs' second choice), an interrupt whose
+        #: affinity it does not manage: /proc/irq/N/smp_affinity can move it (a per-queue vector
+        #: is managed, and a write there fails with EIO)
+        self.msix_vectors = msix_vectors
         self.serial = bytes(serial)
         self._id = self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)

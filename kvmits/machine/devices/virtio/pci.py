@@ -317,7 +317,11 @@ class VirtioPciFunction:
         self._lock = threading.RLock()
 
         device_id = VIRTIO_PCI_MODERN_DEVICE_ID_BASE + device.device_type
-        vectors = len(sizes) + 1
+        # one vector per queue and one for configuration changes (4.1.4.3), unless the device
+        # asks for fewer: kvmits.machine.devices.virtio.blk's msix_vectors
+        vectors = getattr(device, "msix_vectors", None) or len(sizes) + 1
+        if not 1 <= vectors <= len(sizes) + 1:
+            raise ValueError(f"{vectors} MSI-X vectors for {len(sizes)} queues: 1..{len(sizes) + 1}")
         pba = MSIX_TABLE_OFFSET + vectors * PCI_MSIX_ENTRY_SIZE
         msix_bar_size = 0x1000
         while msix_bar_size < pba + Msix.pba_size_for(vectors):
