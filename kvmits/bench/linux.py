@@ -281,13 +281,14 @@ def _traffic(its: str, traced: dict) -> list[dict]:
         irqs = merged("irqs")
         stops = sum(p["stops"]["count"] for p in ps)
         held = sum(p["stops"]["held"] for p in ps)
+        wait = sum(p["stops"]["wait"] for p in ps)
         scale = (lambda n: n / ios) if where == "io" and ios else (lambda n: n)
         unit = "per I/O" if where == "io" else "count"
         out.append(figure(5, "its_accesses", its, where, unit, "lower", [scale(sum(mmio.values()))],
                           by_register=mmio, seen=its == "user"))
         out.append(figure(5, "its_commands", its, where, unit, "lower", [scale(sum(commands.values()))],
                           by_type=commands, seen=its == "user"))
-        out.append(figure(5, "vcpu_stops", its, where, unit, "lower", [scale(stops)], held_s=round(held, 6),
+        out.append(figure(5, "vcpu_stops", its, where, unit, "lower", [scale(stops)], held_s=round(held, 6), wait_s=round(wait, 6),
                           seen=its == "user"))
         out.append(figure(5, "python_translations", its, where, unit, "lower",
                           [scale(sum(translations.values()))], by_path=translations, seen=its == "user"))
