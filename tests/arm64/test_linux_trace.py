@@ -26,10 +26,13 @@ JOB = """
 dd if=/dev/vda of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null
 irq=$(grep -m1 'virtio[0-9]*-input' /proc/interrupts | cut -d: -f1 | tr -d ' ')
 echo 0 > /sys/module/rng_core/parameters/current_quality 2>/dev/null
-vq=$(grep -m1 'virtio[0-9]*-req\.0' /proc/interrupts | cut -d: -f1 | tr -d ' ')
+vq=$(grep -m1 'virtio[0-9]*-req[.]0' /proc/interrupts | cut -d: -f1 | tr -d ' ')
 (echo 1 > /proc/irq/$vq/smp_affinity) 2>/dev/null && echo "managed: moved" || echo "managed: refused"
 echo "KVMITS-PHASE affinity"
-echo 4 > /proc/irq/$irq/smp_affinity && echo "moved to CPU 2"
+# to another CPU than the one it is on (a move to where it is sends no MOVI)
+cur=$(cat /proc/irq/$irq/effective_affinity_list)
+new=$(( (cur + 1) % 4 ))
+echo $new > /proc/irq/$irq/smp_affinity_list && echo "moved from CPU $cur to CPU $new"
 dd if=/dev/hwrng bs=16 count=4 2>/dev/null | wc -c
 """
 
@@ -50,7 +53,7 @@ def traced_boot(tmp_path: Path, its: str) -> tuple[dict, list[dict], GuestReport
     report = GuestReport.parse(out.stdout)
     assert out.returncode == 0, (out.stderr.decode()[-2000:], report.problem())
     report.check()
-    assert "moved to CPU 2" in report.output, report.output
+    assert "moved from CPU" in report.output, report.output
     # a per-queue vector of the disk has a managed affinity: Linux refuses to move it (EIO), the
     # reason kvmits bench part 5 churns a shared vector (Disk.vectors = 2) instead
     assert "managed: refused" in report.output, report.output
@@ -77,7 +80,9 @@ def test_the_trace_shows_linux_mapping_the_disk_and_a_movi_after_an_affinity_cha
     classes = {e["class"] for e in events}
     assert {"its_mmio", "its_cmd", "its_stop", "its_routes", "msi_routes", "irq", "mark"} <= classes, classes
     cwriter = [e for e in events if e["class"] == "its_mmio" and e["reg"] == "GITS_CWRITER" and e["rw"] == "w"]
-    assert cwriter and all(e["size"] == 8 for e in cwriter)
+    # Linux's ITS driver zeroes GITS_CWRITER with a 64-bit write at probe and publishes commands
+    # with 32-bit ones (its_post_commands: writel_relaxed)
+    assert cwriter and {e["size"] for e in cwriter} == {4, 8}, cwriter
     stops = [e for e in events if e["class"] == "its_stop"]
     assert stops and all(e["held"] >= e["wait"] >= 0 and e["vcpus"] == 4 for e in stops)
     # the disk's completions went through irqfd routes: no translation in Python at all
