@@ -1,4 +1,5 @@
-"""Shared fixtures: a real /dev/kvm when this host has one, else a skip that says why."""
+"""Shared fixtures: a real /dev/kvm when this host has one, else a skip that says why; the
+arm64 fixtures come from kvmits' pytest plugin (kvmits.lab.pytest_plugin)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ import platform
 import pytest
 
 from kvmits.errors import KvmError
+from kvmits.lab.pytest_plugin import arm64_kvm_unavailable_reason, kvm_unavailable_reason  # noqa: F401
 
-
-def kvm_unavailable_reason() -> str | None:
-    """None if /dev/kvm can be opened here, else the reason in plain words."""
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm on this host (KVM module not loaded, or no hardware virtualization)"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not readable and writable by this user (add it to the 'kvm' group)"
-    return None
+# kvmits' pytest plugin (its_kind, its_lab, arm64_kvm, the arm64_kvm marker, --kvmits-its): our
+# own tests use it as users do; loaded here too for the testbed, where kvmits is not installed
+pytest_plugins = ["kvmits.lab.pytest_plugin"]
 
 
 @pytest.fixture
@@ -39,22 +36,6 @@ def x86_kvm(kvm):
     if platform.machine() != "x86_64":
         pytest.skip(f"x86 smoke guest needs an x86_64 KVM host, this is {platform.machine()}")
     return kvm
-
-
-def arm64_kvm_unavailable_reason() -> str | None:
-    """None if arm64 KVM VMs can run here (natively, or inside the testbed), else why not."""
-    if platform.machine() != "aarch64":
-        return (f"needs arm64 KVM and this host is {platform.machine()}: the arm64 tests run in the "
-                "testbed: tools/testbed run -- python3 -m pytest tests/arm64")
-    return kvm_unavailable_reason()
-
-
-@pytest.fixture(scope="module")
-def arm64_kvm():
-    """Skip (saying why) unless this is an arm64 host with a usable /dev/kvm."""
-    reason = arm64_kvm_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
 
 
 # In the arm64 testbed (tools/testbed sets KVMITS_TESTBED=1 in the guest): name each test on

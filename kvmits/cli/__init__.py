@@ -11,7 +11,7 @@ import sys
 
 # Sub-command modules, in the order `kvmits --help` lists them. Each must import: a broken one
 # fails the whole command line loudly rather than vanish from --help.
-SUBCOMMANDS = ("probe", "run", "demo", "bench", "its", "vm", "trace")
+SUBCOMMANDS = ("probe", "run", "test", "demo", "bench", "its", "vm", "trace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    #: the command line as given (kvmits run hands it on to the testbed with its paths mapped)
+    args.argv = argv
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -58,6 +58,8 @@ def _disk(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
     if not os.path.isfile(disk.path):
         raise argparse.ArgumentTypeError(f"disk {disk.path!r} is not a file")
+    if not os.access(disk.path, os.R_OK if disk.readonly else os.R_OK | os.W_OK):
+        raise argparse.ArgumentTypeError(f"disk {disk.path!r} is not {'readable' if disk.readonly else 'readable and writable'}")
     return disk
 
 
@@ -168,7 +170,104 @@ def run(args) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _config(args):
+    """The MachineConfig of a boot (not --restore); ValueError saying what is wrong."""
+    from kvmits.machine import MachineConfig
+
+    its = None if args.its == "none" else args.its
+    return MachineConfig(cpus=args.cpus or 1, mem_size=args.mem or 128 << 20,
+                         its="kernel" if args.its is None else its,
+                         agent=args.agent, disks=tuple(args.disk), rng=args.rng)
+
+
+def _file_problem(args) -> str | None:
+    """The first file of the command line (image, --initrd, --restore) that is missing or
+    unreadable, in words: named before anything else is checked."""
+    for what, path in (("image", args.image), ("--initrd", args.initrd), ("--restore", args.restore)):
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            return f"{path}: no such file (the {what})"
+        if not os.path.isfile(path):
+            return f"{path}: not a file (the {what})"
+        if not os.access(path, os.R_OK):
+            return f"{path}: not readable (the {what})"
+    return None
+
+
+def _image_problem(args) -> str | None:
+    """What is wrong with the image for this machine (kind, size, the initrd's room), checked on
+    the host as the loader will check it, or None."""
+    from kvmits.machine.loader import ImageError, place_image, plan_layout
+    from kvmits.machine.memmap import MemoryMap
+
+    try:
+        with open(args.image, "rb") as f:
+            data = f.read()
+        ram = MemoryMap(args.cpus or 1, args.mem or 128 << 20).ram
+        image = place_image(ram, data, args.kind)
+        plan_layout(ram, image, None if args.initrd is None else os.path.getsize(args.initrd))
+    except (ImageError, ValueError, OSError) as exc:
+        return f"{args.image}: {exc}"
+    return None
+
+
+def _run_in_testbed(args) -> int:
+    """`kvmits run` on a host without arm64 KVM: the same command inside the arm64 testbed, with
+    the image, initrd, disks and snapshot carried in (tools/testbed run --file) and their paths
+    mapped; the guest's console and exit status come back as they are."""
+    from kvmits.cli.testbed import guest_path, testbed_files_command
+
+    if args.control or (args.trace is not None and args.trace_file != "-"):
+        what = "--control (a socket in the testbed)" if args.control else "--trace-file (a file in the testbed)"
+        print(f"kvmits run: {what} cannot reach this host: in the testbed use --trace-file - (standard error), "
+              f"or run on an arm64 KVM host", file=sys.stderr)
+        return EXIT_USAGE
+    files = [p for p in (args.image, args.initrd, args.restore) if p is not None] + [d.path for d in args.disk]
+    mapped = {os.path.abspath(p): guest_path(p) for p in files}
+
+    def remap(token: str) -> str:
+        name, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        path, ro = (value[:-3], ",ro") if value.endswith(",ro") else (value, "")
+        new = mapped.get(os.path.abspath(path)) if path else None
+        if new is None or not os.path.exists(path):
+            return token
+        return f"{name}{eq}{new}{ro}"
+
+    inner = ["python3", "-m", "kvmits", *[remap(t) for t in args.argv]]
+    cmd = testbed_files_command(inner, files)
+    if cmd is None:
+        print(f"kvmits run needs arm64 KVM and this host is {platform.machine()}, and this installation has no "
+              f"arm64 testbed (tools/testbed of a kvmits source tree)", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    if any(not d.readonly for d in args.disk):
+        print("kvmits run: the testbed gets a copy of each disk: the guest's writes stay there", file=sys.stderr)
+    print(f"kvmits run: this is {platform.machine()}, running in the arm64 testbed ...", file=sys.stderr, flush=True)
+    import subprocess
+
+    return subprocess.call(cmd)
+
+
 def _run(args) -> int:
+    problem = _file_problem(args)
+    if problem:
+        print(f"kvmits run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    from kvmits.cli.testbed import in_testbed, needs_testbed
+
+    if needs_testbed() and not in_testbed():
+        # what the testbed would refuse, refused here: the machine's configuration, the image
+        if args.image is not None and args.restore is None:
+            try:
+                _config(args)
+            except ValueError as exc:
+                print(f"kvmits run: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            problem = _image_problem(args)
+            if problem:
+                print(f"kvmits run: {problem}", file=sys.stderr)
+                return EXIT_USAGE
+        return _run_in_testbed(args)
     try:
         tracer = _open_tracer(args)
     except OSError as exc:
@@ -182,7 +281,7 @@ def _run(args) -> int:
 
 def _run_traced(args, tracer) -> int:
     from kvmits.errors import KvmitsError
-    from kvmits.machine import Machine, MachineConfig
+    from kvmits.machine import Machine
     from kvmits.machine.loader import ImageError
 
     its = None if args.its == "none" else args.its
@@ -192,9 +291,7 @@ def _run_traced(args, tracer) -> int:
         print("kvmits run: an IMAGE to boot, or --restore FILE", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = MachineConfig(cpus=args.cpus or 1, mem_size=args.mem or 128 << 20,
-                               its="kernel" if args.its is None else its,
-                               agent=args.agent, disks=tuple(args.disk), rng=args.rng)
+        config = _config(args)
     except ValueError as exc:
         print(f"kvmits run: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -203,11 +300,7 @@ def _run_traced(args, tracer) -> int:
     try:
         machine = Machine(config, console=console)
     except KvmitsError as exc:
-        hint = "see `kvmits probe`"
-        if platform.machine() not in ("aarch64", "arm64"):
-            hint = (f"kvmits run needs arm64 KVM and this host is {platform.machine()}: "
-                    "try `tools/testbed run -- python3 -m kvmits run IMAGE`")
-        print(f"kvmits run: cannot create the VM: {exc} ({hint})", file=sys.stderr)
+        print(f"kvmits run: cannot create the VM: {exc} (see `kvmits probe`)", file=sys.stderr)
         return EXIT_VMM_ERROR
     except OSError as exc:                     # a disk that cannot be opened
         print(f"kvmits run: {exc}", file=sys.stderr)

@@ -52,6 +52,30 @@ def testbed_command(argv: list[str], kernel: str | None = None) -> list[str] | N
     return [sys.executable, str(tool), "run", "-q", *chosen, "--", "python3", "-m", "kvmits", *argv]
 
 
+#: where `tools/testbed run --file PATH` puts PATH in the guest: FILES_DIR + its absolute path
+FILES_DIR = "/job/files"
+
+
+def guest_path(host_path: str) -> str:
+    """Where `tools/testbed run --file host_path` puts host_path in the guest: the absolute,
+    normalised host path under FILES_DIR (the testbed's tools/testbed_lib/job.py uses this)."""
+    return FILES_DIR + os.path.normpath(os.path.abspath(host_path))
+
+
+def testbed_files_command(argv: list[str], files: list[str], *, cwd: str | None = None,
+                          kernel: str | None = None) -> list[str] | None:
+    """The host command that runs ARGV (any command) in the testbed with `files` carried in
+    (tools/testbed run --file) and, with `cwd`, in that guest directory (made if missing); None
+    if this installation has no tools/testbed."""
+    tool = SOURCE_ROOT / "tools" / "testbed"
+    if not tool.is_file():
+        return None
+    chosen = ["--kernel", kernel] if kernel else []
+    carry = [a for f in files for a in ("--file", f)]
+    inner = list(argv) if cwd is None else ["sh", "-c", 'mkdir -p "$0" && cd "$0" && exec "$@"', cwd, *argv]
+    return [sys.executable, str(tool), "run", "-q", *chosen, *carry, "--", *inner]
+
+
 def run_in_testbed(name: str, argv: list[str], kernel: str | None = None) -> int:
     """`kvmits NAME ...` on a non-arm64 host: say so, run `kvmits ARGV` in the testbed (on
     `kernel`) with its output passed through, and return its exit status (2 if there is no

@@ -1,16 +1,14 @@
-"""Fixtures of the arm64 tests."""
+"""Fixtures of the arm64 tests: kvmits' pytest plugin (kvmits.lab.pytest_plugin) gives its_kind
+(kernel and user, --kvmits-its), arm64_kvm and its_lab; `lab` is our name for the plugin's lab."""
 
 import pytest
 
-#: vCPUs of the shared ITS lab
+#: vCPUs of the shared ITS lab (the plugin's default --kvmits-cpus)
 LAB_CPUS = 4
 
 
-@pytest.fixture(scope="module", params=["kernel", "user"])
-def lab(arm64_kvm, request):
+@pytest.fixture(scope="module")
+def lab(its_lab):
     """A 4-vCPU ItsLab per module, once with each ITS, set up (LPIs, ITS tables, MAPC n -> n)."""
-    from kvmits.lab.its_lab import ItsLab
-
-    with ItsLab(cpus=LAB_CPUS, its=request.param) as lab:
-        lab.setup()
-        yield lab
+    assert its_lab.cpus == LAB_CPUS, "the arm64 tests expect --kvmits-cpus 4"
+    return its_lab
