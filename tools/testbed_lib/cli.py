@@ -138,6 +138,16 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
                                    "PYTHONPATH set to it, and exits with CMD's exit status.")
     p.add_argument("-e", "--env", action="append", default=[], type=_env_assignment,
                    metavar="NAME=VALUE", help="set an environment variable for CMD (repeatable)")
+    p.add_argument("--file", action="append", default=[], dest="files", metavar="PATH",
+                   help=f"copy a host file or directory (recursively) into the guest at "
+                        f"{job.FILES_DIR} + its absolute, normalised host path, e.g. "
+                        f"/home/u/t/test_a.py -> {job.FILES_DIR}/home/u/t/test_a.py (a relative "
+                        f"PATH is taken against the current directory); repeatable. Modes are "
+                        f"kept; a symlink given as PATH is followed, symlinks inside a directory "
+                        f"are skipped with a warning. At most {job.FILES_MAX_BYTES >> 20} MiB in "
+                        f"all (the job is held in the guest's RAM). A copy: writable in the "
+                        f"guest, nothing comes back to the host. A PATH that is missing, "
+                        f"unreadable or neither a file nor a directory is exit 2")
 
     sub.add_parser("probe", parents=[refresh, kernel, boot],
                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,6 +170,11 @@ def parse_args(argv: list[str], environ=None) -> argparse.Namespace:
             parser.error("run: give the command after '--', e.g. "
                          "tools/testbed run -- python3 -m pytest tests/arm64")
         args.command = command
+        try:
+            # checked now, before anything is built or booted
+            args.carried = job.collect_files(args.files)
+        except TestbedError as exc:
+            parser.error(str(exc))
     elif command is not None:
         parser.error(f"{args.subcommand} takes no command after '--'")
     else:
@@ -250,6 +265,7 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
     if not args.no_make:
         job.make_guests(SOURCE_ROOT)
     files = job.select_files(SOURCE_ROOT)
+    carried = getattr(args, "carried", [])  # run --file, checked by parse_args
     user_env = job.parse_env(getattr(args, "env", []))
     token = new_token()
     prune_runs(layout, time.time())
@@ -274,10 +290,11 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
                             shutil.copyfileobj(src, f, 1 << 20)
                 if kernel.guest is not None:
                     linux_guest.write_testbed_archive(f, kernel.guest)
-                job.write_job(f, SOURCE_ROOT, files, script)
+                job.write_job(f, SOURCE_ROOT, files, script, carried)
         if kernel.guest is not None and kernel.guest.directory is None:
             info(_guest_line(kernel))
-        info(f"job: {len(files)} files of {SOURCE_ROOT} ({since(t):.1f}s to pack)")
+        info(f"job: {len(files)} files of {SOURCE_ROOT}{_carried_note(carried)} "
+             f"({since(t):.1f}s to pack)")
         cfg = boot_config(args)
         cmd = qemu.qemu_command(cfg, rundir / "vmlinuz", rundir / "initrd", token)
         log_path = new_log(layout, args.subcommand)
@@ -300,6 +317,13 @@ def cmd_run(args: argparse.Namespace, layout: Layout) -> int:
         return verdict[0]
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _carried_note(carried: list[job.CarriedFile]) -> str:
+    if not carried:
+        return ""
+    n = sum(1 for c in carried if not c.is_dir)
+    return f", {n} --file files ({job.payload_bytes(carried) / (1 << 20):.1f} MiB) under {job.FILES_DIR}"
 
 
 def failed_line(result: qemu.BootResult) -> str | None:
