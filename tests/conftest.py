@@ -9,11 +9,24 @@ import platform
 import pytest
 
 from kvmits.errors import KvmError
-from kvmits.lab.pytest_plugin import arm64_kvm_unavailable_reason, kvm_unavailable_reason  # noqa: F401
 
 # kvmits' pytest plugin (its_kind, its_lab, arm64_kvm, the arm64_kvm marker, --kvmits-its): our
 # own tests use it as users do; loaded here too for the testbed, where kvmits is not installed
 pytest_plugins = ["kvmits.lab.pytest_plugin"]
+
+
+# (the plugin's own checks, for our tests' skips; imported when called, so that pytest imports
+# the plugin itself first and can rewrite its asserts)
+def kvm_unavailable_reason() -> str | None:
+    from kvmits.lab.pytest_plugin import kvm_unavailable_reason as reason
+
+    return reason()
+
+
+def arm64_kvm_unavailable_reason() -> str | None:
+    from kvmits.lab.pytest_plugin import arm64_kvm_unavailable_reason as reason
+
+    return reason()
 
 
 @pytest.fixture

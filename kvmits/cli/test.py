@@ -85,6 +85,6 @@ def register(sub) -> None:
                    help="also carry PATH into the testbed (an image, a disk, data your tests read), at the same "
                         "path; repeatable")
     p.add_argument("--pytest-args", default="", metavar="ARGS", type=shlex.split,
-                   help="more pytest arguments, as one string (e.g. \"-k movi -x\")")
+                   help="more pytest arguments, as one string: --pytest-args=\"-k movi -x\"")
     add_kernel_option(p)
     p.set_defaults(func=cmd_test)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import posixpath
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +57,20 @@ def testbed_command(argv: list[str], kernel: str | None = None) -> list[str] | N
 FILES_DIR = "/job/files"
 
 
-def guest_path(host_path: str) -> str:
-    """Where `tools/testbed run --file host_path` puts host_path in the guest: the absolute,
-    normalised host path under FILES_DIR (the testbed's tools/testbed_lib/job.py uses this)."""
-    return FILES_DIR + os.path.normpath(os.path.abspath(host_path))
+def guest_path(host_path: str, cwd: str | None = None) -> str:
+    """Where `tools/testbed run --file host_path` puts host_path in the guest: FILES_DIR followed
+    by the absolute, normalised host path, e.g. /home/u/t/test_a.py -> /job/files/home/u/t/test_a.py.
+
+    A relative host_path is taken against cwd (default: this process's working directory,
+    the only thing read besides the arguments). Normalising is textual, as posixpath.normpath
+    does it: '.', '..' and repeated '/' go, symlinks are not resolved (so 'link/..' is the
+    directory holding link). Host and guest (kvmits computing the same name) must agree, so
+    this stays tiny and uses only os and posixpath. tools/testbed_lib/job.py packs by it."""
+    path = posixpath.join(os.getcwd() if cwd is None else cwd, os.fspath(host_path))
+    if not posixpath.isabs(path):
+        raise ValueError(f"cwd must be absolute, got {cwd!r}")
+    rest = posixpath.normpath(path).lstrip("/")
+    return f"{FILES_DIR}/{rest}" if rest else FILES_DIR
 
 
 def testbed_files_command(argv: list[str], files: list[str], *, cwd: str | None = None,

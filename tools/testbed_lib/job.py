@@ -27,8 +27,13 @@ from .image import JOB_DIR
 from .log import clock, info, since
 
 SRC_DIR = f"{JOB_DIR}/src"
-# Where `run --file PATH` puts PATH in the guest: FILES_DIR + PATH's absolute host path.
-FILES_DIR = f"{JOB_DIR}/files"
+# Where `run --file PATH` puts PATH in the guest: FILES_DIR + PATH's absolute host path. The
+# rule has one definition, in kvmits (kvmits.cli.testbed.guest_path), where `kvmits run` and
+# `kvmits test` name the carried files in the commands they hand to the testbed; it imports
+# only the standard library, and `from . import newc` above has put this source tree on sys.path.
+from kvmits.cli.testbed import FILES_DIR, guest_path  # noqa: E402
+
+assert FILES_DIR.startswith(JOB_DIR + "/"), FILES_DIR
 # The most --file may carry (the sum of the regular files' sizes): the job archive is
 # unpacked into the guest's RAM (2048 MiB by default), next to the base image.
 FILES_MAX_BYTES = 256 << 20
@@ -133,22 +138,6 @@ def run_script(argv: list[str], env: dict[str, str], src: str = SRC_DIR) -> str:
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines) + "\n"
-
-
-def guest_path(host_path: str, cwd: str | None = None) -> str:
-    """Where `tools/testbed run --file host_path` puts host_path in the guest: FILES_DIR followed
-    by the absolute, normalised host path, e.g. /home/u/t/test_a.py -> /job/files/home/u/t/test_a.py.
-
-    A relative host_path is taken against cwd (default: this process's working directory,
-    the only thing read besides the arguments). Normalising is textual, as posixpath.normpath
-    does it: '.', '..' and repeated '/' go, symlinks are not resolved (so 'link/..' is the
-    directory holding link). Host and guest (kvmits computing the same name) must agree, so
-    this stays tiny and uses only os and posixpath."""
-    path = posixpath.join(os.getcwd() if cwd is None else cwd, os.fspath(host_path))
-    if not posixpath.isabs(path):
-        raise ValueError(f"cwd must be absolute, got {cwd!r}")
-    rest = posixpath.normpath(path).lstrip("/")
-    return f"{FILES_DIR}/{rest}" if rest else FILES_DIR
 
 
 @dataclass(frozen=True)
