@@ -1,5 +1,5 @@
 """Shared fixtures: a real /dev/kvm when this host has one, else a skip that says why; the
-arm64 fixtures come from kvmits' pytest plugin (kvmits.lab.pytest_plugin)."""
+arm64 fixtures come from kvmits' pytest plugin (kvmits.pytest_plugin)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from kvmits.errors import KvmError
 
 # kvmits' pytest plugin (its_kind, its_lab, arm64_kvm, the arm64_kvm marker, --kvmits-its): our
 # own tests use it as users do; loaded here too for the testbed, where kvmits is not installed
-pytest_plugins = ["kvmits.lab.pytest_plugin"]
+pytest_plugins = ["kvmits.pytest_plugin"]
 
 
 # (the plugin's own checks, for our tests' skips; imported when called, so that pytest imports
 # the plugin itself first and can rewrite its asserts)
 def kvm_unavailable_reason() -> str | None:
-    from kvmits.lab.pytest_plugin import kvm_unavailable_reason as reason
+    from kvmits.pytest_plugin import kvm_unavailable_reason as reason
 
     return reason()
 
 
 def arm64_kvm_unavailable_reason() -> str | None:
-    from kvmits.lab.pytest_plugin import arm64_kvm_unavailable_reason as reason
+    from kvmits.pytest_plugin import arm64_kvm_unavailable_reason as reason
 
     return reason()
 

@@ -47,7 +47,7 @@ def carried(paths: list[str], files: list[str]) -> list[str]:
 
 
 def pytest_args(args, paths: list[str]) -> list[str]:
-    return ["-p", "kvmits.lab.pytest_plugin", "--kvmits-its", args.its, "--kvmits-cpus", str(args.cpus),
+    return ["-p", "kvmits.pytest_plugin", "--kvmits-its", args.its, "--kvmits-cpus", str(args.cpus),
             *paths, *args.pytest_args]
 
 

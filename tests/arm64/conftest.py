@@ -1,4 +1,4 @@
-"""Fixtures of the arm64 tests: kvmits' pytest plugin (kvmits.lab.pytest_plugin) gives its_kind
+"""Fixtures of the arm64 tests: kvmits' pytest plugin (kvmits.pytest_plugin) gives its_kind
 (kernel and user, --kvmits-its), arm64_kvm and its_lab; `lab` is our name for the plugin's lab."""
 
 import pytest

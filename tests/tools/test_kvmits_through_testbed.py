@@ -77,3 +77,17 @@ def test_kvmits_run_on_this_host_is_the_same_as_inside_the_testbed(guests, tmp_p
     assert here.returncode == (0 if name == "hello" else 124), detail
     assert here.stdout == inside.stdout and here.stdout.strip(), detail
     assert "running in the arm64 testbed" in here.stderr, detail
+
+
+def test_pytest_with_kvmits_kernel_runs_the_session_in_the_testbed_on_that_kernel(tmp_path):
+    """The plugin's --kvmits-kernel: plain pytest on this host, the session in the testbed."""
+    mine = tmp_path / "test_first_its.py"
+    shutil.copy(EXAMPLE, mine)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--kvmits-kernel", "bookworm",
+                          "--kvmits-its", "kernel", mine.name], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=900, check=False,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    detail = f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-2000:]}"
+    assert out.returncode == 0, detail
+    assert "running this session in the arm64 testbed on --kernel bookworm" in out.stdout, detail
+    assert "kvmits: ITS kinds kernel, 4 vCPUs, kernel 6.1." in out.stdout and "3 passed" in out.stdout, detail

@@ -2,11 +2,15 @@
 
 Installed with kvmits (the `pytest11` entry point), so `pip install kvmits` makes it available
 to every pytest run; our own tests load it the same way (tests/conftest.py). Its surface, which
-stays stable (kvmits.lab.pytest_plugin.SURFACE lists it):
+stays stable (kvmits.pytest_plugin.SURFACE lists it):
 
 Options
   --kvmits-its KINDS   the ITS kinds to run each test on, comma-separated (default kernel,user)
   --kvmits-cpus N      the vCPUs of the fixtures' machines (default 4)
+  --kvmits-kernel K    on a host without arm64 KVM: run the whole session inside the arm64
+                       testbed on guest kernel K (a tools/testbed --kernel value: bookworm,
+                       trixie, a version, an Image), as `kvmits test --kernel K` does; refused
+                       on an arm64 KVM host, where the tests run on the host's own kernel
 
 Marker
   @pytest.mark.arm64_kvm   the test needs arm64 KVM: it is skipped, saying why, where there is
@@ -43,7 +47,7 @@ ITS_KINDS_DEFAULT = "kernel,user"
 CPUS_DEFAULT = 4
 #: the documented names; tests/lab/test_pytest_plugin.py checks the plugin provides exactly these
 SURFACE = {
-    "options": ("--kvmits-its", "--kvmits-cpus"),
+    "options": ("--kvmits-its", "--kvmits-cpus", "--kvmits-kernel"),
     "markers": ("arm64_kvm",),
     "fixtures": ("its_kind", "kvmits_cpus", "arm64_kvm", "arm64_machine", "its_lab"),
 }
@@ -57,6 +61,54 @@ def pytest_addoption(parser) -> None:
                     help="ITS kinds each kvmits test runs on, comma-separated: kernel, user (default: %(default)s)")
     group.addoption("--kvmits-cpus", type=int, default=CPUS_DEFAULT, metavar="N",
                     help="vCPUs of the kvmits fixtures' machines (default: %(default)s)")
+    group.addoption("--kvmits-kernel", default=None, metavar="K",
+                    help="on a host without arm64 KVM: run the session in the arm64 testbed on guest kernel K "
+                         "(bookworm, trixie, a version, an Image: tools/testbed --kernel)")
+
+
+def _in_testbed() -> bool:
+    return os.environ.get("KVMITS_TESTBED") == "1"
+
+
+def pytest_cmdline_main(config):
+    """--kvmits-kernel on a host without arm64 KVM: this pytest run, inside the testbed."""
+    kernel = config.getoption("--kvmits-kernel")
+    if kernel is None or _in_testbed():
+        return None
+    if platform.machine() == "aarch64":
+        raise pytest.UsageError(f"--kvmits-kernel chooses the testbed's kernel; on this arm64 host the tests run on "
+                                f"the host's own kernel ({platform.release()})")
+    return _run_in_testbed(config, kernel)
+
+
+def _run_in_testbed(config, kernel: str) -> int:
+    import subprocess
+
+    from kvmits.cli.test import carried
+    from kvmits.cli.testbed import guest_path, testbed_files_command
+
+    args, skip = [], False
+    for token in config.invocation_params.args:
+        if skip:
+            skip = False
+        elif token == "--kvmits-kernel":
+            skip = True
+        elif not token.startswith("--kvmits-kernel="):
+            args.append(token)
+    base = str(config.invocation_params.dir)
+    paths = [a for a in args if not a.startswith("-") and os.path.exists(os.path.join(base, a.split("::")[0]))]
+    files = carried([os.path.join(base, p.split("::")[0]) for p in paths], [])
+    inner = [guest_path(os.path.join(base, a), base) if a in paths else a for a in args]
+    if not paths:
+        files, inner = carried([base], []), inner      # pytest's own discovery from the directory
+    cmd = testbed_files_command(["python3", "-m", "pytest", "-p", "kvmits.pytest_plugin", *inner], files,
+                                cwd=guest_path(base), kernel=kernel)
+    if cmd is None:
+        raise pytest.UsageError("--kvmits-kernel needs the arm64 testbed of a kvmits source tree (tools/testbed), "
+                                "which this installation does not have")
+    print(f"kvmits: no arm64 KVM here: running this session in the arm64 testbed on --kernel {kernel} ...",
+          flush=True)
+    return subprocess.call(cmd)
 
 
 def its_kinds(config) -> list[str]:

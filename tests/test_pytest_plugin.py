@@ -1,8 +1,8 @@
-"""kvmits' pytest plugin (kvmits.lab.pytest_plugin), as a user's pytest run sees it: its options,
+"""kvmits' pytest plugin (kvmits.pytest_plugin), as a user's pytest run sees it: its options,
 marker and fixtures, the per-ITS parametrization, the skips that say why, and `pip install .`
 into a clean virtualenv making it available. The fixtures that boot VMs run for real in the
 arm64 tests (tests/arm64 use its_kind, its_lab and arm64_kvm) and through `kvmits test`
-(tests/tools/test_kvmits_test.py)."""
+(tests/tools/test_kvmits_through_testbed.py)."""
 
 from __future__ import annotations
 
@@ -14,28 +14,28 @@ from pathlib import Path
 
 import pytest
 
-from kvmits.lab import pytest_plugin
-from kvmits.lab.pytest_plugin import SURFACE
+from kvmits import pytest_plugin
+from kvmits.pytest_plugin import SURFACE
 
 pytest_plugins = ["pytester"]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ON_ARM64 = platform.machine() == "aarch64"
 
 
 def run(pytester, source: str, *args):
     pytester.makepyfile(test_user=source)
-    return pytester.runpytest_subprocess("-p", "kvmits.lab.pytest_plugin", "-p", "no:cacheprovider", "-v", *args)
+    return pytester.runpytest_subprocess("-p", "kvmits.pytest_plugin", "-p", "no:cacheprovider", "-v", *args)
 
 
 def test_the_documented_surface_is_what_the_plugin_provides(pytester):
-    help_text = pytester.runpytest_subprocess("-p", "kvmits.lab.pytest_plugin", "--help").stdout.str()
+    help_text = pytester.runpytest_subprocess("-p", "kvmits.pytest_plugin", "--help").stdout.str()
     for option in SURFACE["options"]:
         assert option in help_text, option
     assert "kvmits: arm64 VMs with the kernel's or the userspace ITS" in help_text
-    fixtures = pytester.runpytest_subprocess("-p", "kvmits.lab.pytest_plugin", "--fixtures").stdout.str()
+    fixtures = pytester.runpytest_subprocess("-p", "kvmits.pytest_plugin", "--fixtures").stdout.str()
     for name in SURFACE["fixtures"]:
         assert f"\n{name}" in fixtures or fixtures.startswith(name), name
-    markers = pytester.runpytest_subprocess("-p", "kvmits.lab.pytest_plugin", "--markers").stdout.str()
+    markers = pytester.runpytest_subprocess("-p", "kvmits.pytest_plugin", "--markers").stdout.str()
     assert "@pytest.mark.arm64_kvm" in markers
     # the module's docstring documents each name
     for names in SURFACE.values():
@@ -106,3 +106,27 @@ def test_pip_install_into_a_clean_virtualenv_makes_pytest_list_the_plugin(tmp_pa
                          capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
     assert "--kvmits-its=KINDS" in out.stdout and "--kvmits-cpus=N" in out.stdout
+
+
+@pytest.mark.skipif(ON_ARM64, reason="hands the run to the testbed only where there is no arm64 KVM")
+def test_kvmits_kernel_hands_the_session_to_the_testbed_with_its_files(pytester, monkeypatch):
+    from kvmits.cli.testbed import guest_path
+
+    test = pytester.makepyfile(test_user="def test_k():\n    pass\n")
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 5)
+    result = pytester.runpytest_inprocess("--kvmits-kernel", "trixie", "-x", "test_user.py", "--kvmits-its=user")
+    assert result.ret == 5                                      # the testbed's status is the session's
+    (cmd,) = calls
+    assert cmd[cmd.index("--kernel") + 1] == "trixie"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--file"] == [str(test)]
+    inner = cmd[cmd.index("--") + 1:]
+    assert inner[inner.index("python3"):] == ["python3", "-m", "pytest", "-p", "kvmits.pytest_plugin", "-x",
+                                              guest_path(str(test)), "--kvmits-its=user"]
+    assert guest_path(str(pytester.path)) in inner                # run in the copy of the directory
+
+
+@pytest.mark.skipif(not ON_ARM64, reason="an arm64 host runs on its own kernel")
+def test_kvmits_kernel_is_refused_on_an_arm64_host(pytester):
+    result = run(pytester, "def test_k():\n    pass\n", "--kvmits-kernel", "trixie")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
