@@ -22,7 +22,8 @@ Fixtures
   kvmits_cpus     the vCPU count of --kvmits-cpus
   arm64_kvm       nothing; skips the test where arm64 KVM is not available
   arm64_machine   a kvmits.machine.Machine with kvmits_cpus vCPUs and the its_kind ITS, neither
-                  loaded nor started; closed after the test
+                  loaded nor started; closed after the test; its console's bytes so far are
+                  arm64_machine.uart.out.getvalue()
   its_lab         a kvmits.lab.its_lab.ItsLab: the guest agent online on every vCPU, the guest's
                   LPIs and ITS set up (tables, command queue, ICID n -> vCPU n); one per test
                   module and ITS kind (tests of a module share it: map DeviceIDs of your own)
@@ -51,8 +52,6 @@ SURFACE = {
     "markers": ("arm64_kvm",),
     "fixtures": ("its_kind", "kvmits_cpus", "arm64_kvm", "arm64_machine", "its_lab"),
 }
-#: fixtures whose tests run once per ITS kind
-_PER_KIND = ("its_kind", "arm64_machine", "its_lab")
 
 
 def pytest_addoption(parser) -> None:
@@ -126,9 +125,23 @@ def its_kinds(config) -> list[str]:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "arm64_kvm: needs arm64 KVM (natively, or inside the kvmits testbed); "
                                        "skipped, saying why, elsewhere")
-    its_kinds(config)
+    # its_kind is parametrized by the kinds of --kvmits-its, known only now: the fixture is
+    # made here, as fixture params (not per-test parametrization), so that a module-scoped
+    # its_lab is made once per module and kind and shared by the module's tests
+    config.pluginmanager.register(_ItsKinds(its_kinds(config)), "kvmits-its-kinds")
     if config.getoption("--kvmits-cpus") < 1:
         raise pytest.UsageError(f"--kvmits-cpus: at least 1, not {config.getoption('--kvmits-cpus')}")
+
+
+def _ItsKinds(kinds: list[str]):
+    """A plugin object with the its_kind fixture, parametrized over `kinds`."""
+
+    class ItsKinds:
+        @pytest.fixture(scope="module", params=kinds)
+        def its_kind(self, request) -> str:
+            return request.param
+
+    return ItsKinds()
 
 
 def pytest_report_header(config) -> str:
@@ -156,21 +169,6 @@ def arm64_kvm_unavailable_reason() -> str | None:
     return kvm_unavailable_reason()
 
 
-def pytest_generate_tests(metafunc) -> None:
-    # one run per ITS kind for every test that asks for one of the per-kind fixtures (and has
-    # not parametrized its_kind itself); module scope, so that its_lab is shared per kind
-    if any(name in metafunc.fixturenames for name in _PER_KIND) and "its_kind" not in _own_params(metafunc):
-        metafunc.parametrize("its_kind", its_kinds(metafunc.config), scope="module")
-
-
-def _own_params(metafunc) -> set[str]:
-    names = set()
-    for mark in metafunc.definition.iter_markers("parametrize"):
-        argnames = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
-        names.update(n.strip() for n in (argnames.split(",") if isinstance(argnames, str) else argnames))
-    return names
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     reason = arm64_kvm_unavailable_reason()
     if reason is None:
@@ -187,12 +185,6 @@ def kvmits_cpus(pytestconfig) -> int:
 
 
 @pytest.fixture(scope="module")
-def its_kind(request) -> str:
-    # parametrized by pytest_generate_tests; a test that asks for it otherwise gets the first kind
-    return getattr(request, "param", its_kinds(request.config)[0])
-
-
-@pytest.fixture(scope="module")
 def arm64_kvm() -> None:
     """Skip (saying why) unless arm64 KVM VMs can run here."""
     reason = arm64_kvm_unavailable_reason()
@@ -204,7 +196,9 @@ def arm64_kvm() -> None:
 def arm64_machine(arm64_kvm, its_kind, kvmits_cpus):
     from kvmits.machine import Machine, MachineConfig
 
-    machine = Machine(MachineConfig(cpus=kvmits_cpus, its=its_kind))
+    import io
+
+    machine = Machine(MachineConfig(cpus=kvmits_cpus, its=its_kind), console=io.BytesIO())
     try:
         yield machine
     finally:

@@ -463,3 +463,19 @@ def test_garbage_chains_never_raise_and_writes_stay_in_writable_buffers(chains, 
             assert os.path.getsize(path) == size
         finally:
             r.close()
+
+
+def test_msix_vectors_sets_the_table_size_and_is_bounded_by_the_queues(tmp_path):
+    """Disk.vectors / msix_vectors: one vector per queue plus one by default; 2 for two queues
+    (Linux then shares one vector among the queues, kvmits bench part 5's movable vector)."""
+    path = disk_file(tmp_path)
+    devices = [VirtioBlk(path, num_queues=2), VirtioBlk(path, num_queues=2, msix_vectors=2),
+               VirtioBlk(path, num_queues=1, msix_vectors=3)]
+    try:
+        default, shared = (VirtioPciFunction(d, FakeRam(), RecordingMsixSink(), name="x") for d in devices[:2])
+        assert (default.msix.vectors, shared.msix.vectors) == (3, 2)
+        with pytest.raises(ValueError, match="3 MSI-X vectors for 1 queues"):
+            VirtioPciFunction(devices[2], FakeRam(), RecordingMsixSink(), name="c")
+    finally:
+        for d in devices:
+            d.close()
