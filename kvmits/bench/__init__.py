@@ -44,3 +44,59 @@ def figure(part: int, name: str, its: str | None, path: str, unit: str, better: 
            "better": better, "stats": spread(samples)}
     out.update(extra)
     return out
+
+
+# -- curves (part 6: how a cost grows with the work) ------------------------------------------------
+#: the growth classes a curve is named by, from the exponent k of cost ~ size**k
+GROWTH_CLASSES = ("flat", "sublinear", "linear", "superlinear")
+FLAT_EXPONENT = 0.1         # k below this: flat
+LINEAR_EXPONENT = (0.9, 1.15)   # k within this: linear; between flat and it: sublinear; above: worse
+
+
+def growth(points: list[tuple[float, float]], better: str) -> dict:
+    """How a figure's cost grows with its size, from (size, median) points of one curve.
+
+    The cost is the median itself for a "lower is better" figure (a time, bytes) and its
+    inverse for a "higher is better" one (a rate: the time per operation). `exponent` is the
+    least-squares slope of log(cost) against log(size); `ratio` is the cost at the largest
+    size over the cost at the smallest. The class: flat (k < 0.1), sublinear, linear
+    (0.9 <= k <= 1.15) or superlinear."""
+    import math
+
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', not {better!r}")
+    pts = sorted((float(s), float(v)) for s, v in points)
+    if len(pts) < 2 or len({s for s, _ in pts}) < 2:
+        raise ValueError("a curve needs two sizes or more")
+    if any(s <= 0 or v <= 0 for s, v in pts):
+        raise ValueError(f"sizes and values must be positive: {pts}")
+    cost = [(s, v if better == "lower" else 1.0 / v) for s, v in pts]
+    xs = [math.log(s) for s, _ in cost]
+    ys = [math.log(c) for _, c in cost]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if k < FLAT_EXPONENT:
+        cls = "flat"
+    elif k < LINEAR_EXPONENT[0]:
+        cls = "sublinear"
+    elif k <= LINEAR_EXPONENT[1]:
+        cls = "linear"
+    else:
+        cls = "superlinear"
+    return {"exponent": k, "ratio": cost[-1][1] / cost[0][1], "growth": cls,
+            "sizes": [s for s, _ in pts]}
+
+
+def curves(figures: list[dict]) -> dict[tuple, list[dict]]:
+    """Part 6's figures grouped into curves: (name, its, path, size_of, fixed) -> the figures
+    along `size`, sorted. `size_of` names what the size counts (events, vcpus, devices...);
+    `fixed` is what the curve holds constant (e.g. the vCPU count of an events curve)."""
+    out: dict[tuple, list[dict]] = {}
+    for f in figures:
+        if "size" not in f:
+            continue
+        key = (f["name"], f["its"], f["path"], f["size_of"], f.get("fixed"))
+        out.setdefault(key, []).append(f)
+    for figs in out.values():
+        figs.sort(key=lambda f: f["size"])
+    return out

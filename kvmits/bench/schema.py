@@ -3,16 +3,24 @@ anyone consuming the output: `check(result)` raises ValueError naming the first 
 
 from __future__ import annotations
 
-from kvmits.bench import FIGURE_KEYS, ITS_MODES, SCHEMA_VERSION, SPREAD_KEYS
+from kvmits.bench import FIGURE_KEYS, GROWTH_CLASSES, ITS_MODES, SCHEMA_VERSION, SPREAD_KEYS
 
 TOP_KEYS = {"kvmits_bench", "host", "quick", "repeat", "runs", "targets", "seconds"}
 RUN_KEYS = {"where", "arch", "emulated", "figures", "skipped"}
 TARGET_KEYS = {"name", "where", "measured", "op", "limit", "met", "cost"}
+#: a run with part 6 has "curves" too (an addition: a result without it keeps the schema)
+CURVE_KEYS = {"name", "its", "path", "size_of", "fixed", "unit", "points", "exponent", "ratio", "growth", "sizes",
+              "where"}
+#: what part 6's figures carry besides FIGURE_KEYS
+SIZE_KEYS = ("size", "size_of")
 WHERES = {"host", "native", "testbed"}
 NAMES = {"msi_throughput": 1, "msi_latency": 1, "translate_only": 1, "gits_read": 2, "command_batch": 3,
          "exit_loop": 4, "linux_boot": 5, "blk_iops": 5, "blk_latency": 5, "irq_rate": 5, "affinity_moves": 5,
          "python_its_work": 5, "its_accesses": 5, "its_commands": 5, "vcpu_stops": 5, "python_translations": 5,
-         "device_interrupts": 5}
+         "device_interrupts": 5,
+         # part 6 (scale): curves, each figure at one size (its `size`, counting `size_of`)
+         "scale_commands": 6, "scale_batch": 6, "scale_translate": 6, "scale_memory": 6,
+         "scale_vcpu_stop": 6, "scale_delivery": 6, "scale_routes_memory": 6, "lpi_stress": 6}
 
 
 def _need(cond: bool, what: str) -> None:
@@ -35,6 +43,9 @@ def check_figure(f: dict) -> None:
     _need(set(s) == set(SPREAD_KEYS), f"stats keys {sorted(s)}")
     _need(all(_number(s[k]) for k in SPREAD_KEYS) and isinstance(s["n"], int) and s["n"] >= 1, f"stats {s}")
     _need(s["min"] <= s["p10"] <= s["median"] <= s["p90"] <= s["max"], f"stats out of order: {s}")
+    if f["part"] == 6:
+        _need(all(k in f for k in SIZE_KEYS) and _number(f["size"]) and f["size"] > 0
+              and isinstance(f["size_of"], str), f"a part 6 figure without a positive size and size_of: {f}")
 
 
 def check_run(run: dict) -> None:
@@ -48,12 +59,15 @@ def check_run(run: dict) -> None:
 
 
 def check(result: dict) -> None:
-    _need(isinstance(result, dict) and set(result) == TOP_KEYS, f"top-level keys {sorted(result)}")
+    _need(isinstance(result, dict) and set(result) in (TOP_KEYS, TOP_KEYS | {"curves"}),
+          f"top-level keys {sorted(result)}")
     _need(result["kvmits_bench"] == SCHEMA_VERSION, f"schema version {result['kvmits_bench']}")
     _need(isinstance(result["quick"], bool) and isinstance(result["repeat"], int), "quick/repeat")
     _need(isinstance(result["runs"], list), "runs is not a list")
     for run in result["runs"]:
         check_run(run)
+    for c in result.get("curves", []):
+        _need(set(c) == CURVE_KEYS and c["growth"] in GROWTH_CLASSES and len(c["points"]) >= 2, f"curve {c}")
     for t in result["targets"]:
         _need(set(t) == TARGET_KEYS and t["op"] in ("<=", ">=") and isinstance(t["met"], bool), f"target {t}")
 

@@ -10,6 +10,9 @@ Figures (docs/bench.md says what each one measures):
   4 the Python exit loop (VcpuRunner + MmioBus) against a C KVM_RUN loop (benchmarks/c)
   5 a Linux guest with each ITS: boot, virtio-blk 4 KiB random reads at QD1 and QD16,
     interrupts per vCPU, affinity churn (MOVIs), and the ITS traffic from a traced boot
+  6 scale: curves of cost against the work (mapped events 10..10^5, vCPUs 1..64) for both
+    ITSes, each curve's growth named (flat, sublinear, linear, superlinear); the model's own
+    curves need no KVM and run on every host
 
 On an arm64 KVM host everything runs here. On x86_64 the exit loop runs here (an x86 guest),
 and the rest, with an arm64 exit loop, runs inside the arm64 testbed (tools/testbed), whose
@@ -26,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvmits.bench import ITS_MODES, SCHEMA_VERSION
+from kvmits.bench import ITS_MODES, SCHEMA_VERSION, curves, growth
 from kvmits.cli.testbed import SOURCE_ROOT, add_kernel_option, in_testbed, kernel_refused, testbed_command
 
 # targets of issue 6 (reported, never asserted)
@@ -38,6 +41,10 @@ TARGET_EXIT_EMULATED = 2.0  # the same in the testbed
 TARGET_BOOT = 1.1           # Linux boot to userspace, userspace ITS / kernel ITS, at most
 TARGET_IOPS = 0.95          # virtio-blk IOPS, userspace ITS / kernel ITS, at least (QD1 and QD16)
 TARGET_PYTHON_PER_IO = 0.0  # Python translations per I/O on the userspace ITS, at most
+# targets of issue 18 (part 6, scale)
+TARGET_MODEL_FLAT = 1.1     # the model's cost per command / translation, largest over smallest size, at most
+TARGET_STOP_EXPONENT = 1.15  # growth exponent of the vCPU stop per batch against vCPUs, at most (linear)
+TARGET_IRQFD_SCALE = 0.9    # userspace irqfd throughput / kernel's at every size, at least
 
 
 def _progress(msg: str) -> None:
@@ -80,6 +87,17 @@ def local_run(args, where: str, parts: set[int]) -> dict:
             run["skipped"] += skipped
         else:
             run["skipped"].append({"part": 5, "reason": "the Linux workload needs arm64 KVM (it runs in the testbed)"})
+    if 6 in parts:
+        from kvmits.bench import scale_model
+
+        run["figures"] += scale_model.model_figures(scale_model.Sizes(args.quick, args.repeat), _progress)
+        if platform.machine() == "aarch64":
+            from kvmits.bench import scale
+
+            run["figures"] += scale.run_scale(scale.Sizes(args.quick, args.repeat), _progress)
+        else:
+            run["skipped"].append({"part": 6, "reason": "the scale curves of the two ITSes under KVM need arm64 KVM "
+                                                        "(they run in the testbed); the model's ran here"})
     return run
 
 
@@ -147,6 +165,7 @@ def targets(run: dict) -> list[dict]:
         out.append({"name": "userspace signal_msi throughput / kernel KVM_SIGNAL_MSI", "where": where,
                     "measured": r, "op": ">=", "limit": TARGET_SLOW, "met": r >= TARGET_SLOW, "cost": cost})
     out += _linux_targets(run, where)
+    out += _scale_targets(run, where)
     floor = _median(_find(run, "exit_loop", None, "c_floor"))
     py = _median(_find(run, "exit_loop", None, "python"))
     kvm = _median(_find(run, "exit_loop", None, "kvm"))
@@ -203,6 +222,61 @@ def _linux_targets(run: dict, where: str) -> list[dict]:
     return out
 
 
+def curve_growth(run: dict) -> list[dict]:
+    """Every curve of part 6 in a run with its growth (kvmits.bench.growth)."""
+    out = []
+    for (name, its, path, size_of, fixed), figs in curves(run["figures"]).items():
+        if len({f["size"] for f in figs}) < 2:
+            continue
+        g = growth([(f["size"], f["stats"]["median"]) for f in figs], figs[0]["better"])
+        out.append({"name": name, "its": its, "path": path, "size_of": size_of, "fixed": fixed,
+                    "unit": figs[0]["unit"], "points": [[f["size"], f["stats"]["median"]] for f in figs], **g})
+    return out
+
+
+def _curve(run_curves: list[dict], name: str, its: str | None, path: str, size_of: str) -> list[dict]:
+    return [c for c in run_curves if (c["name"], c["its"], c["path"], c["size_of"]) == (name, its, path, size_of)]
+
+
+def _scale_targets(run: dict, where: str) -> list[dict]:
+    """The targets of issue 18 on part 6's curves."""
+    out = []
+    cs = curve_growth(run)
+    for name, what in (("scale_commands", "command rate"), ("scale_translate", "translation rate")):
+        for c in _curve(cs, name, "user", "model", "events"):
+            r = c["ratio"]
+            lo, hi = c["points"][0], c["points"][-1]
+            out.append({"name": f"model {what} from {lo[0]:,.0f} to {hi[0]:,.0f} mapped events (cost ratio)",
+                        "where": where, "measured": r, "op": "<=", "limit": TARGET_MODEL_FLAT,
+                        "met": r <= TARGET_MODEL_FLAT,
+                        "cost": f"{lo[1]:,.3g} -> {hi[1]:,.3g} {c['unit']}; growth {c['growth']} "
+                                f"(exponent {c['exponent']:.3f}): dict lookups per command and per MSI"})
+    for c in _curve(cs, "scale_vcpu_stop", "user", "pause", "vcpus"):
+        k = c["exponent"]
+        pts = ", ".join(f"{s:g}: {v:.1f}" for s, v in c["points"])
+        out.append({"name": "vCPU stop per batch against vCPUs (growth exponent)", "where": where, "measured": k,
+                    "op": "<=", "limit": TARGET_STOP_EXPONENT, "met": k <= TARGET_STOP_EXPONENT,
+                    "cost": f"ms held per batch by vCPUs: {pts} ({c['growth']}); each vCPU is signalled out of "
+                            f"KVM_RUN and parks on the runner's condition, then all are woken"})
+    ratios = []
+    for f in run["figures"]:
+        if f.get("size") is None or f["its"] != "user" or f["path"] != "irqfd":
+            continue
+        k = next((g for g in run["figures"] if g["its"] == "kernel" and g["name"] == f["name"]
+                  and g["path"] == "irqfd" and g.get("size") == f["size"] and g.get("fixed") == f.get("fixed")
+                  and g.get("size_of") == f.get("size_of")), None)
+        if k is not None:
+            ratios.append((f["stats"]["median"] / k["stats"]["median"], f))
+    if ratios:
+        worst, f = min(ratios, key=lambda r: r[0])
+        out.append({"name": "userspace irqfd LPI throughput / kernel's, at every size (the lowest)", "where": where,
+                    "measured": worst, "op": ">=", "limit": TARGET_IRQFD_SCALE, "met": worst >= TARGET_IRQFD_SCALE,
+                    "cost": f"lowest at {f['name']} with {f['size']:g} {f['size_of']} ({f.get('fixed')}) of "
+                            f"{len(ratios)} sizes: both go eventfd -> KVM's irqfd -> an ITS translation in the "
+                            f"kernel (the hidden ITS's, one injector device, for the userspace one)"})
+    return out
+
+
 # -- output -----------------------------------------------------------------------------------------
 def _fmt(v: float) -> str:
     if v >= 1000:
@@ -231,8 +305,16 @@ def format_table(result: dict) -> str:
         for s in run["skipped"]:
             lines.append(f"   skipped{' (' + s['path'] + ')' if 'path' in s else ''}: {s['reason']}")
         lines.append("")
+    for c in result.get("curves", []):
+        if c is result["curves"][0]:
+            lines.append("Curves (part 6): cost against size, growth named from the exponent k of cost ~ size^k")
+        pts = "  ".join(f"{s:g}:{_fmt(v)}" for s, v in c["points"])
+        lines.append(f"  {c['name']:20s} {c['its'] or '-':6s} {c['path']:14s} vs {c['size_of']:6s} "
+                     f"{c['growth']:11s} k={c['exponent']:+.2f}  {pts} {c['unit']}  ({c['fixed']}; {c['where']})")
+    if result.get("curves"):
+        lines.append("")
     if result["targets"]:
-        lines.append("Targets (issues 6 and 14):")
+        lines.append("Targets (issues 6, 14 and 18):")
         for t in result["targets"]:
             lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['measured']:.2f} "
                          f"({t['op']} {t['limit']}) on {t['where']}")
@@ -249,18 +331,41 @@ def write_chart(result: dict, path: Path) -> str:
     except ImportError:
         return "no chart: matplotlib is not installed (pip install 'kvmits[plot]')"
     panels = []
+    lines = []                          # part 6: one panel per curve shape, a line per ITS
     for run in result["runs"]:
         groups: dict = {}
+        shapes: dict = {}
+        for (name, its, path, size_of, fixed), figs in curves(run["figures"]).items():
+            shapes.setdefault((name, path, size_of, fixed, figs[0]["unit"]), []).append((its, figs))
+        for (name, path, size_of, fixed, unit), series in shapes.items():
+            where = f"{run['where']}{', emulated' if run['emulated'] else ''}"
+            lines.append((f"{name} {path} vs {size_of} ({fixed}; {where})", size_of, unit, series))
         for f in run["figures"]:
+            if "size" in f:
+                continue
             key = (f["name"], f["unit"], f["cpus"] if f["name"] == "command_batch" else None)
             groups.setdefault(key, []).append(f)
         for (name, unit, _), figs in groups.items():
             panels.append((f"{name} ({run['where']}{', emulated' if run['emulated'] else ''})", unit, figs))
-    if not panels:
+    if not panels and not lines:
         return "no chart: nothing was measured"
     cols = 3
-    rows = (len(panels) + cols - 1) // cols
+    rows = (len(panels) + len(lines) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, size_of, unit, series) in zip(list(axes.flat)[len(panels):], lines):
+        for its, figs in series:
+            xs = [f["size"] for f in figs]
+            ax.errorbar(xs, [f["stats"]["median"] for f in figs],
+                        yerr=[[f["stats"]["median"] - f["stats"]["p10"] for f in figs],
+                              [f["stats"]["p90"] - f["stats"]["median"] for f in figs]],
+                        marker="o", capsize=3, label=its or "-",
+                        color="tab:blue" if its == "kernel" else "tab:orange" if its == "user" else "tab:gray")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(size_of, fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=7)
     for ax, (title, unit, figs) in zip(axes.flat, panels):
         labels = [f"{f['its'] or ''} {f['path']}" + (f" {f['cpus']}cpu" if f["name"] == "command_batch" else "")
                   for f in figs]
@@ -273,7 +378,7 @@ def write_chart(result: dict, path: Path) -> str:
         ax.set_xticks(range(len(figs)), labels, rotation=20, ha="right", fontsize=7)
         ax.set_title(title, fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) + len(lines):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -283,8 +388,8 @@ def write_chart(result: dict, path: Path) -> str:
 
 def cmd_bench(args) -> int:
     args.parts = {int(p) for p in args.parts.split(",") if p}
-    if not args.parts <= {1, 2, 3, 4, 5}:
-        print("kvmits bench: --parts takes numbers from 1 to 5", file=sys.stderr)
+    if not args.parts <= {1, 2, 3, 4, 5, 6}:
+        print("kvmits bench: --parts takes numbers from 1 to 6", file=sys.stderr)
         return 2
     if args.repeat is None:
         args.repeat = 3 if args.quick else 5
@@ -296,13 +401,15 @@ def cmd_bench(args) -> int:
     if platform.machine() == "aarch64":
         runs.append(local_run(args, "testbed" if in_testbed() else "native", args.parts))
     else:
-        if 4 in args.parts:
-            runs.append(local_run(args, "host", {4}))
+        if args.parts & {4, 6}:
+            runs.append(local_run(args, "host", args.parts & {4, 6}))
         if not args.host_only:
             runs.append(testbed_run(args))
     result = {"kvmits_bench": SCHEMA_VERSION, "host": platform.machine(), "quick": args.quick,
               "repeat": args.repeat, "runs": runs, "targets": [t for r in runs for t in targets(r)],
               "seconds": time.monotonic() - t0}
+    if 6 in args.parts:
+        result["curves"] = [{**c, "where": r["where"]} for r in runs for c in curve_growth(r)]
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -319,8 +426,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output (docs/bench.md: the schema)")
     p.add_argument("--quick", action="store_true", help="a short run (a check, not a measurement)")
     p.add_argument("--repeat", type=int, default=None, help="samples per figure (default: 5, --quick: 3)")
-    p.add_argument("--parts", default="1,2,3,4", help="figures to measure, 1-5 (default: %(default)s; 5 is the "
-                                                      "Linux workload, a few minutes)")
+    p.add_argument("--parts", default="1,2,3,4", help="figures to measure, 1-6 (default: %(default)s; 5 is the "
+                                                      "Linux workload, a few minutes; 6 the scale curves, "
+                                                      "about half an hour in the testbed, --quick a minute)")
     p.add_argument("--linux-repeat", type=int, default=3, metavar="N",
                    help="timed Linux boots per ITS in part 5 (default %(default)s; --quick: 1), plus one traced")
     p.add_argument("--host-only", action="store_true",

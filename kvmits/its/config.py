@@ -112,9 +112,11 @@ class ItsConfig:
     #: KVM_DEV_ARM_ITS_RESTORE_TABLES no longer finds what was unmapped. The architecture leaves
     #: the ITS's table memory to the ITS (IHI 0069 5.2), so a guest must not look.
     zero_freed_entries: bool = True
-    #: Commands processed per GITS_CWRITER write at most; the rest continue on the next
-    #: GITS_CWRITER write, GITS_CREADR/GITS_CTLR read (a guest polling for completion), or an
-    #: explicit process_commands(). The queue holds at most 32768 commands.
+    #: Work per GITS_CWRITER write at most: commands, plus the ITEs walked by a MAPC that
+    #: re-targets or unmaps a collection and by a MAPD that frees a device (each one unit), so
+    #: that one MMIO exit stays bounded however many ITEs a collection holds. The rest continue
+    #: on the next GITS_CWRITER write, GITS_CREADR/GITS_CTLR read (a guest polling for
+    #: completion), or an explicit process_commands(). The queue holds at most 32768 commands.
     command_budget: int = 1024
     #: Resource limit on interrupt translation entries (KVM allocates kernel memory per ITE
     #: and fails MAPTI with -ENOMEM when it cannot); bounds the model's memory and the work

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
+
+#: descriptors left for everything else a process has open when ensure_fd_limit makes room
+FD_HEADROOM = 1024
 
 
 class EventFd:
@@ -38,3 +42,25 @@ class EventFd:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def ensure_fd_limit(count: int) -> int:
+    """Make RLIMIT_NOFILE leave room for `count` more descriptors (plus FD_HEADROOM), as QEMU
+    raises its soft limit at start: KVM_MAX_IRQ_ROUTES is 4096 and every routed GSI holds an
+    irqfd, past the usual soft limit of 1024 (and the kernel's default hard limit of 4096). The
+    soft limit goes up to what is needed; the hard one too when the process may (root:
+    CAP_SYS_RESOURCE, up to fs.nr_open). Returns the soft limit; OSError naming the limit when
+    it cannot make the room."""
+    need = count + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need) if hard != resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        if hard == resource.RLIM_INFINITY or hard >= need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        else:
+            raise OSError(f"RLIMIT_NOFILE is {soft}/{hard} (soft/hard) and could not be raised to {need} "
+                          f"for {count} irqfds: raise it (ulimit -n) or use fewer routes") from None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

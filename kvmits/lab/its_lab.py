@@ -33,12 +33,13 @@ class ItsLab:
 
     def __init__(self, cpus: int = 4, its: str = "kernel", mem_size: int = DEFAULT_MEM,
                  console: BinaryIO | None = None, timeout: float = 60.0, its_config=None,
-                 disks: tuple = (), rng: bool = False):
+                 disks: tuple = (), rng: bool = False, queue_size: int = 0x10000):
         self.cpus = cpus
         self.mode = its
         self._console = console
         # its_config: with its="user", the model's kvmits.its.ItsConfig (None: like the kernel's);
-        # disks, rng: PCI devices (MachineConfig), for a guest driver (kvmits.lab.pci_driver)
+        # disks, rng: PCI devices (MachineConfig), for a guest driver (kvmits.lab.pci_driver);
+        # queue_size: the guest's ITS command queue, 4 KiB to 1 MiB (GITS_CBASER.Size)
         self.machine = Machine(MachineConfig(cpus=cpus, mem_size=mem_size, its=its, agent=True,
                                              its_config=its_config, disks=disks, rng=rng), console=console)
         try:
@@ -53,7 +54,7 @@ class ItsLab:
             self.heap = GuestHeap(ram, heap_base, self.machine.memmap.ram.end)
             access = self.agent.client(0)
             self.gic = GuestGic(access, ram, self.heap, self.machine.memmap.gicr_base, cpus)
-            self.its = GuestIts(access, ram, self.heap, self.machine.memmap.its.base)
+            self.its = GuestIts(access, ram, self.heap, self.machine.memmap.its.base, queue_size)
         except BaseException:
             self.machine.close()
             raise

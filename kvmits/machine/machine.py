@@ -196,8 +196,10 @@ class Machine:
             self.bus.add(mm.its.base, mm.its.size, self.its.frame_device, f"its ({self.its.kind})")
         if self.config.agent:
             from kvmits.machine.agent import Agent, AgentMailbox   # imported only when asked for
+            from kvmits.machine.agent.protocol import idle_bound_us
             # a panicked agent is a dead guest: end the VM with the panic, so wait() reports it
             mailbox = AgentMailbox(mm.gicd.base, mm.gicr_base, self.kick, on_panic=self._agent_panic,
+                                   idle_us=idle_bound_us(mm.cpus),
                                    describe_cpu=lambda cpu: self.runner.describe(cpu))
             self.bus.add(mm.agent.base, mm.agent.size, mailbox, "agent")
             #: the host API of the guest agent (kvmits.machine.agent.Agent); None without agent=True

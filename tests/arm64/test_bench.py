@@ -60,3 +60,29 @@ def test_bench_part_5_quick_json(arm64_kvm):
     assert fig[("its_commands", "user", "io")]["by_type"].get("MOVI", 0) >= 1
     assert fig[("python_its_work", "user", "per_io")]["stats"]["max"] == 0
     assert fig[("python_translations", "user", "io")]["stats"]["max"] == 0
+
+
+def test_bench_part_6_quick_json(arm64_kvm):
+    """Part 6, scale (issue 18): every curve for both ITSes at two sizes or more, each with its
+    growth named, and the targets computed from them."""
+    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--parts", "6", "--quick", "--json", "--repeat", "1",
+                          "--no-chart"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    check(result)
+    (run,) = result["runs"]
+    assert not run["skipped"], run["skipped"]
+    for name in ("scale_batch", "scale_commands", "scale_delivery", "scale_routes_memory", "lpi_stress"):
+        assert modes_present(run, name) == {"kernel", "user"}, name
+    assert modes_present(run, "scale_vcpu_stop") == {"user"}          # the kernel's ITS stops nobody
+    curves = {(c["name"], c["its"], c["path"], c["size_of"]) for c in result["curves"]}
+    for its in ("kernel", "user"):
+        assert {("scale_delivery", its, "irqfd", "events"), ("scale_delivery", its, "signal_msi", "events"),
+                ("scale_batch", its, "movi_int_sync", "vcpus"), ("lpi_stress", its, "irqfd", "vcpus")} <= curves
+    assert ("scale_translate", "user", "model", "events") in curves
+    assert all(c["growth"] in ("flat", "sublinear", "linear", "superlinear") for c in result["curves"])
+    names = {t["name"] for t in result["targets"]}
+    assert "vCPU stop per batch against vCPUs (growth exponent)" in names
+    assert "userspace irqfd LPI throughput / kernel's, at every size (the lowest)" in names
+    assert any(n.startswith("model translation rate") for n in names)

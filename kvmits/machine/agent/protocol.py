@@ -58,6 +58,16 @@ AGENT_RAM_END = 0x4020_0000
 
 #: the agent's default bound on one idle WFI: a lost kick costs at most this long
 DEFAULT_IDLE_US = 10_000
+#: vCPUs per DEFAULT_IDLE_US of the bound: every bounded WFI that ends is a mailbox poll, a
+#: KVM_EXIT_MMIO into Python, so the bound grows with the vCPU count and the machine's idle
+#: polls stay at 400/s at most (64 vCPUs at 10 ms each would poll 6400 times a second and take
+#: the GIL from the vCPU doing the work)
+IDLE_CPUS_PER_BOUND = 4
+
+
+def idle_bound_us(cpus: int) -> int:
+    """The bound of one idle WFI (MB_IDLE_US) on a machine of `cpus` vCPUs."""
+    return DEFAULT_IDLE_US * max(1, -(-cpus // IDLE_CPUS_PER_BOUND))
 #: how long a request may take by default (the testbed runs KVM under TCG: be generous)
 DEFAULT_TIMEOUT = 10.0
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 from kvmits.its.model import Translation
 from kvmits.kvm import EventFd, MsiRoute
+from kvmits.kvm.eventfd import ensure_fd_limit
 from kvmits.machine.its.hidden import INJECTOR_DEVID
 
 #: KVM_MAX_IRQ_ROUTES (include/linux/kvm_host.h): GSIs are below it
@@ -51,6 +52,7 @@ class MsiRoutes:
                 raise ValueError(f"GSI {gsi} given to both {gsis[gsi]} and {(devid, eventid)}")
             gsis[gsi] = (devid, eventid)
         routes = [MsiRoute(gsi, self.doorbell, eventid, devid) for (devid, eventid), gsi in table.items()]
+        ensure_fd_limit(len(gsis))                   # an irqfd per GSI: up to 4096 descriptors
         self.vm.set_gsi_routing(routes)              # fails as a whole: nothing changed yet
         for gsi in [g for g in self._efds if g not in gsis]:
             efd = self._efds.pop(gsi)
@@ -125,6 +127,7 @@ class UserMsiRoutes:
         gsis = list(table.values())
         if len(set(gsis)) != len(gsis):
             raise ValueError("one GSI per (DeviceID, EventID)")
+        ensure_fd_limit(len(gsis))                   # an irqfd per GSI: up to 4096 descriptors
         with self._lock:
             for key in [k for k in self._efds if k not in table]:
                 self._unassign(key)
