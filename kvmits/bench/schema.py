@@ -19,7 +19,7 @@ NAMES = {"msi_throughput": 1, "msi_latency": 1, "translate_only": 1, "gits_read"
          "python_its_work": 5, "its_accesses": 5, "its_commands": 5, "vcpu_stops": 5, "python_translations": 5,
          "device_interrupts": 5,
          # part 6 (scale): curves, each figure at one size (its `size`, counting `size_of`)
-         "scale_commands": 6, "scale_batch": 6, "scale_translate": 6, "scale_memory": 6,
+         "scale_map": 6, "scale_commands": 6, "scale_batch": 6, "scale_translate": 6, "scale_memory": 6,
          "scale_vcpu_stop": 6, "scale_delivery": 6, "scale_routes_memory": 6, "lpi_stress": 6}
 
 

@@ -36,6 +36,9 @@ class ItsLab:
                  disks: tuple = (), rng: bool = False, queue_size: int = 0x10000):
         self.cpus = cpus
         self.mode = its
+        #: how long one guest access may take (the kernel's ITS runs a whole batch in the
+        #: GITS_CWRITER store), and the agent's start-up
+        self.timeout = timeout
         self._console = console
         # its_config: with its="user", the model's kvmits.its.ItsConfig (None: like the kernel's);
         # disks, rng: PCI devices (MachineConfig), for a guest driver (kvmits.lab.pci_driver);
@@ -52,7 +55,7 @@ class ItsLab:
             ram = self.machine.ram
             heap_base = self.machine.boot.end
             self.heap = GuestHeap(ram, heap_base, self.machine.memmap.ram.end)
-            access = self.agent.client(0)
+            access = self.agent.client(0, self.timeout)
             self.gic = GuestGic(access, ram, self.heap, self.machine.memmap.gicr_base, cpus)
             self.its = GuestIts(access, ram, self.heap, self.machine.memmap.its.base, queue_size)
         except BaseException:
@@ -70,7 +73,7 @@ class ItsLab:
         self.machine = new
         self.mode = new.config.its
         self.agent = new.agent
-        access = self.agent.client(0)
+        access = self.agent.client(0, self.timeout)
         self.heap.ram = self.gic.ram = self.its.ram = new.ram
         self.gic.access = self.its.access = access
         return report

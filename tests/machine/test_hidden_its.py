@@ -22,7 +22,8 @@ from kvmits.its import ItsConfig, ItsModel, RecordingSink, Redistributors
 from kvmits.its import commands as cmd
 from kvmits.kvm import GuestMemory
 from kvmits.lab.guest_driver import GuestGic, GuestHeap, GuestIts
-from kvmits.machine.its.hidden import CREATOR_DEVID, INJECTOR_DEVID, LPI_BASE, PRIVATE_SIZE, UNTARGETED_ICID, HiddenIts
+from kvmits.machine.its.hidden import (CREATOR_DEVID, INJECTOR_FIRST_DEVID, LPI_BASE, NR_INJECTORS, PRIVATE_SIZE,
+                                       UNTARGETED_ICID, HiddenIts, injector_msi)
 from kvmits.machine.its.user import UserMachineIts
 
 RAM = 0x40000000
@@ -86,7 +87,8 @@ class StandInVm:
         self.msis = []
 
     def signal_msi(self, address, data, devid=None):
-        assert address == self.kernel_its.doorbell and devid == INJECTOR_DEVID
+        assert address == self.kernel_its.doorbell
+        assert INJECTOR_FIRST_DEVID <= devid < INJECTOR_FIRST_DEVID + NR_INJECTORS
         self.msis.append(data)
         return 1 if self.kernel_its.model.signal_msi(devid, data) else 0
 
@@ -182,7 +184,7 @@ class Rig:
                 t = self.model.translate(devid, ev)
                 if not t.ok:
                     continue
-                h = self.kernel.model.translate(INJECTOR_DEVID, t.intid - LPI_BASE)
+                h = self.kernel.model.translate(*injector_msi(t.intid))
                 assert h.ok and h.intid == t.intid, (devid, ev, t, h)
                 if users[t.intid] == 1 and not movall:
                     assert h.target == t.target, (devid, ev, t, h)
@@ -193,7 +195,7 @@ def test_program_maps_the_injector_and_one_collection_per_vcpu():
     try:
         dump = rig.kernel.model.dump()
         assert dump["collections"] == {c: c for c in range(CPUS)}
-        assert list(dump["devices"]) == [INJECTOR_DEVID, CREATOR_DEVID]
+        assert sorted(dump["devices"]) == [CREATOR_DEVID] + [INJECTOR_FIRST_DEVID + k for k in range(NR_INJECTORS)]
         assert rig.kernel.model.error_counts == {}
     finally:
         rig.close()
@@ -219,7 +221,7 @@ def test_one_stop_per_cwriter_write_and_mirrored_delivery():
         rig.check_same_translation({5: 4})
         assert (8303, 0) in rig.kernel.sink.pending     # MOVI carried the pending state
         rig.its.discard(5, 1)
-        assert not rig.kernel.model.translate(INJECTOR_DEVID, 8301 - LPI_BASE).ok
+        assert not rig.kernel.model.translate(*injector_msi(8301)).ok
         rig.its.mapd(5, 4, valid=False)
         assert rig.engine.mapping() == {}
         assert rig.kernel.model.error_counts == {}
@@ -320,7 +322,7 @@ def test_a_register_write_that_unmaps_is_done_once_and_mirrored():
         rig.its.write_reg(R.GITS_BASER(0), baser0 & ~(1 << 63))
         assert writes == [R.GITS_BASER(0)]
         assert rig.model.dump()["devices"] == {}
-        assert rig.engine.mapping() == {} and not rig.kernel.model.translate(INJECTOR_DEVID, 8301 - LPI_BASE).ok
+        assert rig.engine.mapping() == {} and not rig.kernel.model.translate(*injector_msi(8301)).ok
         assert changes == [rig.model.generation]
     finally:
         rig.close()
@@ -458,7 +460,8 @@ def test_an_lpi_first_mapped_without_a_target_is_made_without_one(watched):
     assert sent == ["MAPTI", "MAPTI", "MAPD"]
     dump = rig.kernel.model.dump()
     assert dump["devices"][CREATOR_DEVID]["events"] == {}            # its ITE freed again ...
-    assert dump["devices"][INJECTOR_DEVID]["events"][8600 - LPI_BASE] == {"icid": 0, "intid": 8600}
+    devid, event = injector_msi(8600)
+    assert dump["devices"][devid]["events"][event] == {"icid": 0, "intid": 8600}
     assert rig.kernel.sink.location[8600] is None                    # ... the interrupt has no target
     assert 8600 not in rig.engine.mapping()
     sent.clear()
@@ -470,3 +473,15 @@ def test_an_lpi_first_mapped_without_a_target_is_made_without_one(watched):
     rig.its.discard(5, 0)
     assert rig.engine.mapping() == {} and rig.kernel.model.error_counts == {}
     assert UNTARGETED_ICID not in rig.kernel.model.dump()["collections"]
+
+
+def test_injector_events_spread_over_devices_of_1024_events():
+    """KVM walks a device's ITE list per command and per translation-cache miss: the hidden
+    ITS keeps each list at 1024 ITEs, one event per LPI over NR_INJECTORS devices."""
+    seen = {injector_msi(intid) for intid in range(LPI_BASE, 1 << 16)}
+    assert len(seen) == (1 << 16) - LPI_BASE
+    assert injector_msi(LPI_BASE) == (INJECTOR_FIRST_DEVID, 0)
+    assert injector_msi(LPI_BASE + 1023) == (INJECTOR_FIRST_DEVID, 1023)
+    assert injector_msi(LPI_BASE + 1024) == (INJECTOR_FIRST_DEVID + 1, 0)
+    assert injector_msi((1 << 16) - 1) == (INJECTOR_FIRST_DEVID + NR_INJECTORS - 1, 1023)
+    assert all(event < 1024 for _, event in seen)

@@ -43,9 +43,10 @@ class Agent:
                 exc.add_note(f"vCPU {cpu} at the timeout: {self.mailbox.describe_cpu(cpu)}")
             raise
 
-    def client(self, cpu: int) -> AgentClient:
-        """Loads and stores performed by vCPU `cpu` (kvmits.lab.guest_driver.GuestAccess)."""
-        return AgentClient(self, cpu)
+    def client(self, cpu: int, timeout: float | None = DEFAULT_TIMEOUT) -> AgentClient:
+        """Loads and stores performed by vCPU `cpu` (kvmits.lab.guest_driver.GuestAccess), each
+        allowed `timeout` s (a GITS_CWRITER store returns when the kernel's ITS has run the batch)."""
+        return AgentClient(self, cpu, timeout)
 
     def read(self, cpu: int, addr: int, width: int = 4, *, timeout: float | None = DEFAULT_TIMEOUT) -> int:
         """A `width`-byte load at guest-physical `addr`, performed by vCPU `cpu`."""

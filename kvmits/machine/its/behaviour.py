@@ -26,7 +26,7 @@ from kvmits.its import commands as cmd
 from kvmits.its.config import KVM_CHANGES, kernel_version, kvm_choices
 from kvmits.its.registers import GITS_BASER, LPI_BASE
 from kvmits.kvm import GuestMemory
-from kvmits.machine.its.hidden import DT_OFFSET, INJECTOR_DEVID, ITT_OFFSET, HiddenIts
+from kvmits.machine.its.hidden import DT_OFFSET, ITT_OFFSET, HiddenIts, injector_msi
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ PROP_OFFSET = 0x30000       # LPI property table: 2**16 - 8192 bytes
 PEND_OFFSET = 0x40000       # vCPU 0's pending table: 2**16 / 8 bytes, 64 KiB aligned
 SPARE_ITT_OFFSET = 0x50000  # the ITT of the device MAPD V=0 unmaps
 ID_BITS = 16
-SPARE_DEVID = 2             # 0 and 1 are HiddenIts's injector and creator
+SPARE_DEVID = 2             # HiddenIts's creator is 1, its injectors from 0x100
 PROBE_ICID = 5
 PROBE_EVENT = 100
 GICR_BASER_ATTRS = (0b111 << 7) | (0b01 << 10)     # Inner WB RaWaWb, Inner Shareable
@@ -107,13 +107,14 @@ def probe(kvm=None) -> KernelItsBehaviour:
 
         ite = base + ITT_OFFSET + PROBE_EVENT * abi.ABI_REV0_ENTRY_SIZE
         dte = base + DT_OFFSET + SPARE_DEVID * abi.ABI_REV0_ENTRY_SIZE
-        engine.run(cmd.encode_mapti(INJECTOR_DEVID, PROBE_EVENT, LPI_BASE + PROBE_EVENT, 0),
+        engine.run(cmd.encode_mapti(*injector_msi(LPI_BASE + PROBE_EVENT), LPI_BASE + PROBE_EVENT, 0),
                    cmd.encode_mapd(SPARE_DEVID, base + SPARE_ITT_OFFSET, 1))
         _saved(its, scratch)
         if not (_u64(scratch, ite) and _u64(scratch, dte)):
             raise RuntimeError(f"ITS probe: KVM_DEV_ARM_ITS_SAVE_TABLES did not write the probe's ITE "
                                f"({_u64(scratch, ite):#x}) and DTE ({_u64(scratch, dte):#x})")
-        engine.run(cmd.encode_discard(INJECTOR_DEVID, PROBE_EVENT), cmd.encode_mapd(SPARE_DEVID, 0, 1, valid=False))
+        engine.run(cmd.encode_discard(*injector_msi(LPI_BASE + PROBE_EVENT)),
+                   cmd.encode_mapd(SPARE_DEVID, 0, 1, valid=False))
         zero_ite, zero_dte = _u64(scratch, ite) == 0, _u64(scratch, dte) == 0
         if zero_ite != zero_dte:
             # one kernel change did both; a kernel with one only is new to kvmits: say so

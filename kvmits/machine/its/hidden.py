@@ -11,7 +11,10 @@ Its mapping keeps every LPI where the kernel's own ITS would have it. In KVM an 
 vgic_irq with one target vCPU (or none), however many ITEs map it, alive while any ITE names it
 (vgic-its.c: vgic_add_lpi, update_affinity, its_free_ite). The hidden ITS issues the command
 that makes KVM do the same to its own vgic_irq at the same point:
-- one *injector* device (DeviceID 0) whose EventID n is LPI 8192 + n;
+- *injector* devices (DeviceIDs INJECTOR_FIRST_DEVID + k) of 1024 events each: LPI 8192 + n is
+  EventID n % 1024 of injector n // 1024 (`injector_msi`). Not one device of 2^16 events: KVM
+  keeps a device's ITEs in a list that every command and every translation-cache miss walks
+  (vgic-its.c: find_ite), so one device holding every LPI made each of them cost O(LPIs);
 - one collection per vCPU: ICID n -> vCPU n (the model hands us targets, not the guest's ICIDs);
 - the guest's first ITE of an LPI: MAPTI on that ITE's target; on a collection without a target,
   an LPI without one (an ITE of the *creator* device, DeviceID 1, on UNTARGETED_ICID makes it,
@@ -49,22 +52,36 @@ from kvmits.machine.memmap import HIDDEN_ITS_PRIVATE_SIZE
 
 log = logging.getLogger(__name__)
 
-INJECTOR_DEVID = 0
+#: the injector devices: INJECTOR_EVENTS events each, together one event per LPI
+INJECTOR_FIRST_DEVID = 0x100
+INJECTOR_EVENT_BITS = 10
+INJECTOR_EVENTS = 1 << INJECTOR_EVENT_BITS
 # The creator device makes an LPI without a target, as the guest's first ITE on a collection
 # without one makes it in KVM (see HiddenIts.mapped), through an ITE on UNTARGETED_ICID, the
 # one collection the hidden ITS never maps: the last entry of its one-page collection table.
 CREATOR_DEVID = 1
 EVENT_BITS = 16                    # LPIs 8192 .. 2**16 - 1 (GITS_TYPER.IDbits of KVM's ITS is 16)
+NR_INJECTORS = ((1 << EVENT_BITS) - LPI_BASE) // INJECTOR_EVENTS
 
 # The VMM-private memory: all 64 KiB-aligned (KVM decodes BASER addresses in the 64K format).
 DT_OFFSET = 0x00000                # device table: 1 page, flat (8192 DeviceIDs, we use one)
 CT_OFFSET = 0x10000                # collection table: 1 page
 CQ_OFFSET = 0x20000                # command queue: 64 KiB = 2048 commands
 CQ_SIZE = 0x10000
-ITT_OFFSET = 0x80000               # the injector's ITT: 2**16 events x 8 bytes = 512 KiB
+ITT_OFFSET = 0x80000               # the injectors' ITTs: 2**16 events x 8 bytes = 512 KiB in all
+INJECTOR_ITT_SIZE = INJECTOR_EVENTS * 8   # injector k's ITT at ITT_OFFSET + k * this: the ITE of
+#                                           LPI 8192 + n at ITT_OFFSET + 8 n, as with one device
 UNTARGETED_ICID = 0x10000 // 8 - 1  # a flat 64 KiB collection table holds 8192 ICIDs (8-byte entries)
 PRIVATE_SIZE = HIDDEN_ITS_PRIVATE_SIZE
 assert ITT_OFFSET + (8 << EVENT_BITS) <= PRIVATE_SIZE, "the hidden ITS's memory map does not fit its slot"
+assert INJECTOR_FIRST_DEVID + NR_INJECTORS <= 0x10000 // 8, "the injectors do not fit the flat device table"
+
+
+def injector_msi(intid: int) -> tuple[int, int]:
+    """(DeviceID, EventID) of the hidden ITS's injector event for LPI `intid`: an MSI with
+    these raises it, and the hidden ITS's commands for it name them."""
+    n = intid - LPI_BASE
+    return INJECTOR_FIRST_DEVID + (n >> INJECTOR_EVENT_BITS), n & (INJECTOR_EVENTS - 1)
 
 _BASER_64K = GITS_BASER_VALID | PAGE_SIZE_ENCODING[0x10000] << GITS_BASER_PAGE_SIZE_SHIFT
 
@@ -122,7 +139,9 @@ class HiddenIts:
                                  f"GITS_CBASER={its.get_reg(GITS_CBASER):#x})")
         self._cwriter = its.get_reg(GITS_CWRITER)
         with self.batch():
-            self._queue.append(cmd.encode_mapd(INJECTOR_DEVID, p + ITT_OFFSET, EVENT_BITS))
+            for k in range(NR_INJECTORS):
+                self._queue.append(cmd.encode_mapd(INJECTOR_FIRST_DEVID + k, p + ITT_OFFSET + k * INJECTOR_ITT_SIZE,
+                                                   INJECTOR_EVENT_BITS))
             self._queue.append(self._creator_mapd)
             for cpu in range(self.nr_vcpus):
                 self._queue.append(cmd.encode_mapc(cpu, cpu))
@@ -195,25 +214,26 @@ class HiddenIts:
             # inside command processing: in order with the MAPTI/MOVI queued before it. The LPI
             # becomes pending where KVM has it, which after a MOVALL (or for an LPI several ITEs
             # map, or one made without a target) is not the translation's `target`
-            self._emit(cmd.encode_int(INJECTOR_DEVID, intid - LPI_BASE))
+            self._emit(cmd.encode_int(*injector_msi(intid)))
             return
         if self._target[intid] != target:
             # KVM keeps one target per LPI: after a MOVALL, or for an LPI several ITEs map, it
             # is not the translation's, and KVM delivers there (docs/introspection.md)
             log.debug("hidden ITS: LPI %d goes to vCPU %s where KVM has it; its translation says %d",
                       intid, self._target[intid], target)
-        if self.vm.signal_msi(self.doorbell, intid - LPI_BASE, devid=INJECTOR_DEVID) == 1:
+        devid, event = injector_msi(intid)
+        if self.vm.signal_msi(self.doorbell, event, devid=devid) == 1:
             self.injected += 1
         else:
             self.dropped += 1
 
     def clear_pending(self, intid: int, target: int) -> None:
         if intid in self._refs:
-            self._emit(cmd.encode_clear(INJECTOR_DEVID, intid - LPI_BASE))
+            self._emit(cmd.encode_clear(*injector_msi(intid)))
 
     def invalidate(self, intid: int, target: int) -> None:
         if intid in self._refs:
-            self._emit(cmd.encode_inv(INJECTOR_DEVID, intid - LPI_BASE))
+            self._emit(cmd.encode_inv(*injector_msi(intid)))
 
     def invalidate_all(self, target: int) -> None:
         self._emit(cmd.encode_invall(target))
@@ -223,7 +243,7 @@ class HiddenIts:
         # the LPI has: KVM sets it unconditionally, and our idea of it can be stale (an LPI
         # re-mapped while KVM still held it queued keeps its old target; see `mapped`)
         if intid in self._refs:
-            self._emit(cmd.encode_movi(INJECTOR_DEVID, intid - LPI_BASE, new_target))
+            self._emit(cmd.encode_movi(*injector_msi(intid), new_target))
             self._target[intid] = new_target
 
     def move_all(self, old_target: int, new_target: int) -> None:
@@ -240,9 +260,9 @@ class HiddenIts:
         self._refs[intid] = refs + 1
         if refs:
             return              # KVM's vgic_add_lpi hands back the existing interrupt, as it is
-        event = intid - LPI_BASE
+        devid, event = injector_msi(intid)
         if target is not None:
-            self._emit(cmd.encode_mapti(INJECTOR_DEVID, event, intid, target))
+            self._emit(cmd.encode_mapti(devid, event, intid, target))
         else:
             # KVM makes the interrupt without a target vCPU: an INT or MSI then latches it
             # pending but queues it nowhere, and a later MOVI or MAPC gives it a target without
@@ -250,8 +270,8 @@ class HiddenIts:
             # mapped, makes it; the injector's ITE finds it so and, its own collection mapped,
             # takes INT, CLEAR, INV, MOVI and DISCARD (which KVM refuses on an ITE whose
             # collection is unmapped); re-mapping the creator frees its ITE at once.
-            self._emit(cmd.encode_mapti(CREATOR_DEVID, event, intid, UNTARGETED_ICID))
-            self._emit(cmd.encode_mapti(INJECTOR_DEVID, event, intid, 0))
+            self._emit(cmd.encode_mapti(CREATOR_DEVID, intid - LPI_BASE, intid, UNTARGETED_ICID))
+            self._emit(cmd.encode_mapti(devid, event, intid, 0))
             self._emit(self._creator_mapd)
         self._target[intid] = target
 
@@ -267,12 +287,13 @@ class HiddenIts:
         # queued (pending) -- and so does the hidden one, whose DISCARD runs at the same point
         del self._refs[intid]
         self._target.pop(intid, None)
-        self._emit(cmd.encode_discard(INJECTOR_DEVID, intid - LPI_BASE))
+        self._emit(cmd.encode_discard(*injector_msi(intid)))
 
     # -- for routes and inspection ------------------------------------------------------------------
-    def event_of(self, intid: int) -> int:
-        """The injector EventID that raises `intid`: the data of an MSI route to `doorbell`."""
-        return intid - LPI_BASE
+    def msi_of(self, intid: int) -> tuple[int, int]:
+        """(DeviceID, EventID) of the injector event that raises `intid`: the devid and data of
+        an MSI route to `doorbell`."""
+        return injector_msi(intid)
 
     def mapping(self) -> dict[int, int]:
         """LPI -> the vCPU KVM delivers it to (after flush()): where an MSI translating to it

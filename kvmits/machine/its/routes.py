@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from kvmits.its.model import Translation
 from kvmits.kvm import EventFd, MsiRoute
 from kvmits.kvm.eventfd import ensure_fd_limit
-from kvmits.machine.its.hidden import INJECTOR_DEVID
 
 #: KVM_MAX_IRQ_ROUTES (include/linux/kvm_host.h): GSIs are below it
 MAX_GSI = 4096
@@ -153,7 +152,8 @@ class UserMsiRoutes:
             for key, gsi in self._table.items():
                 t = translate(*key)
                 if t.ok:
-                    routes.append(MsiRoute(gsi, self.hidden.doorbell, self.hidden.event_of(t.intid), INJECTOR_DEVID))
+                    devid, event = self.hidden.msi_of(t.intid)
+                    routes.append(MsiRoute(gsi, self.hidden.doorbell, event, devid))
                     direct.add(key)
             self.vm.set_gsi_routing(routes)
             for key in list(self._in_kernel - direct):
