@@ -13,6 +13,9 @@ def test_the_kernel_goes_to_tools_testbed_before_the_command():
     cmd = testbed.testbed_command(["its", "dump"], kernel="trixie")
     assert cmd[cmd.index("run"):] == ["run", "-q", "--kernel", "trixie", "--", "python3", "-m", "kvmits", "its", "dump"]
     assert "--kernel" not in testbed.testbed_command(["demo"])
+    cmd = testbed.testbed_command(["bench"], timeout=5400)
+    assert cmd[cmd.index("run"):] == ["run", "-q", "--timeout", "5400", "--", "python3", "-m", "kvmits", "bench"]
+    assert "--timeout" not in testbed.testbed_command(["bench"])
 
 
 @pytest.mark.parametrize("argv", [["demo", "--kernel", "6.12"], ["bench", "--kernel", "6.12"],

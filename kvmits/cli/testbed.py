@@ -43,13 +43,16 @@ def kernel_refused(name: str, args) -> int | None:
     return None
 
 
-def testbed_command(argv: list[str], kernel: str | None = None) -> list[str] | None:
+def testbed_command(argv: list[str], kernel: str | None = None, timeout: int | None = None) -> list[str] | None:
     """The host command (run in SOURCE_ROOT) that runs `python3 -m kvmits ARGV` in the testbed,
-    on `kernel` (tools/testbed --kernel), or None if this installation has no tools/testbed."""
+    on `kernel` (tools/testbed --kernel), within `timeout` seconds of boot (tools/testbed
+    --timeout; default: its own), or None if this installation has no tools/testbed."""
     tool = SOURCE_ROOT / "tools" / "testbed"
     if not tool.is_file():
         return None
     chosen = ["--kernel", kernel] if kernel else []
+    if timeout is not None:
+        chosen += ["--timeout", str(timeout)]
     return [sys.executable, str(tool), "run", "-q", *chosen, "--", "python3", "-m", "kvmits", *argv]
 
 
