@@ -108,3 +108,27 @@ def test_table_names_each_curve_and_chart_draws_them(tmp_path):
         assert out.startswith("no chart")
     else:
         assert out.startswith("chart written") and (tmp_path / "scale.png").stat().st_size > 1000
+
+
+def test_part_6_on_a_host_without_arm64_kvm_measures_the_model_and_says_what_it_left(tmp_path):
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() == "aarch64":
+        pytest.skip("an arm64 host measures part 6 whole (tests/arm64/test_bench.py)")
+    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--parts", "6", "--quick", "--host-only", "--json",
+                          "--repeat", "1", "--no-chart"], capture_output=True, text=True, timeout=300, check=False,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    check(result)
+    (run,) = result["runs"]
+    assert run["where"] == "host"
+    assert {f["name"] for f in run["figures"]} == {"scale_commands", "scale_batch", "scale_translate", "scale_memory"}
+    assert [s["part"] for s in run["skipped"]] == [6] and "arm64 KVM" in run["skipped"][0]["reason"]
+    assert {(c["name"], c["path"]) for c in result["curves"]} == {
+        ("scale_commands", "model"), ("scale_batch", "model"), ("scale_translate", "model"),
+        ("scale_memory", "model_state")}
+    assert any(t["name"].startswith("model translation rate") for t in result["targets"])

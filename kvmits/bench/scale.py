@@ -13,6 +13,7 @@ EVENTS_PER_DEVICE events, as a driver would):
   scale_routes_memory  the Python heap of the compiled routes (tracemalloc)
 Against the number of vCPUs (1 to 64):
   scale_batch     the same batch's latency
+  scale_commands  the same command rate (the userspace ITS stops every vCPU per batch)
   scale_vcpu_stop how long the userspace ITS held every vCPU out of KVM_RUN per batch (the
                   kernel's ITS stops nobody: it has no such figure)
   lpi_stress      in the style of KVM's vgic_lpi_stress selftest: D device threads write their
@@ -318,6 +319,8 @@ def vcpus_figures(mode: str, sizes: Sizes, progress) -> list[dict]:
             finally:
                 stops.close()
             out.append(figure(PART, "scale_batch", mode, "movi_int_sync", "ms", "lower", lat, cpus=cpus, **tag))
+            out.append(figure(PART, "scale_commands", mode, "queue", "commands/s", "higher",
+                              _command_rate(lab, events, sizes, rng), cpus=cpus, **tag))
             if held:
                 out.append(figure(PART, "scale_vcpu_stop", mode, "pause", "ms", "lower", held, cpus=cpus, **tag))
             efds = lab.routes({(STRESS_DEVID + d, ev): FIRST_GSI + d * STRESS_EVENTS + ev
