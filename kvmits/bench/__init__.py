@@ -58,9 +58,11 @@ def growth(points: list[tuple[float, float]], better: str) -> dict:
 
     The cost is the median itself for a "lower is better" figure (a time, bytes) and its
     inverse for a "higher is better" one (a rate: the time per operation). `exponent` is the
-    least-squares slope of log(cost) against log(size); `ratio` is the cost at the largest
-    size over the cost at the smallest. The class: flat (k < 0.1), sublinear, linear
-    (0.9 <= k <= 1.15) or superlinear."""
+    least-squares slope of log(cost) against log(size) over the whole curve; `tail_exponent`
+    the slope between its two largest sizes, which names the class: how the cost grows where
+    the work is largest (a fixed cost at the small sizes, amortised, would hide that growth
+    from the whole-curve fit). `ratio` is the cost at the largest size over the cost at the
+    smallest. The class: flat (k < 0.1), sublinear, linear (0.9 <= k <= 1.15) or superlinear."""
     import math
 
     if better not in ("higher", "lower"):
@@ -75,15 +77,17 @@ def growth(points: list[tuple[float, float]], better: str) -> dict:
     ys = [math.log(c) for _, c in cost]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    if k < FLAT_EXPONENT:
+    last = [i for i in range(len(xs)) if xs[i] != xs[-1]][-1]      # the largest size below the largest
+    tail = (ys[-1] - ys[last]) / (xs[-1] - xs[last])
+    if tail < FLAT_EXPONENT:
         cls = "flat"
-    elif k < LINEAR_EXPONENT[0]:
+    elif tail < LINEAR_EXPONENT[0]:
         cls = "sublinear"
-    elif k <= LINEAR_EXPONENT[1]:
+    elif tail <= LINEAR_EXPONENT[1]:
         cls = "linear"
     else:
         cls = "superlinear"
-    return {"exponent": k, "ratio": cost[-1][1] / cost[0][1], "growth": cls,
+    return {"exponent": k, "tail_exponent": tail, "ratio": cost[-1][1] / cost[0][1], "growth": cls,
             "sizes": [s for s, _ in pts]}
 
 

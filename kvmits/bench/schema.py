@@ -9,7 +9,8 @@ TOP_KEYS = {"kvmits_bench", "host", "quick", "repeat", "runs", "targets", "secon
 RUN_KEYS = {"where", "arch", "emulated", "figures", "skipped"}
 TARGET_KEYS = {"name", "where", "measured", "op", "limit", "met", "cost"}
 #: a run with part 6 has "curves" too (an addition: a result without it keeps the schema)
-CURVE_KEYS = {"name", "its", "path", "size_of", "fixed", "unit", "points", "exponent", "ratio", "growth", "sizes",
+CURVE_KEYS = {"name", "its", "path", "size_of", "fixed", "unit", "points", "exponent", "tail_exponent", "ratio", "growth",
+              "sizes",
               "where"}
 #: what part 6's figures carry besides FIGURE_KEYS
 SIZE_KEYS = ("size", "size_of")
