@@ -409,6 +409,17 @@ def report(path: Path) -> dict:
     return result
 
 
+def _output(result: dict, args) -> None:
+    """The result as JSON (--json) or a table on stdout, and the chart unless --no-chart."""
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(result))
+    if not args.no_chart:
+        print(f"kvmits bench: {write_chart(result, Path(args.chart))}", file=sys.stderr)
+
+
 def cmd_bench(args) -> int:
     if args.report:
         try:
@@ -416,13 +427,7 @@ def cmd_bench(args) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"kvmits bench: --report {args.report}: {exc}", file=sys.stderr)
             return 2
-        if args.json:
-            json.dump(result, sys.stdout, indent=2)
-            print()
-        else:
-            print(format_table(result))
-        if not args.no_chart:
-            print(f"kvmits bench: {write_chart(result, Path(args.chart))}", file=sys.stderr)
+        _output(result, args)
         return 0
     args.parts = {int(p) for p in args.parts.split(",") if p}
     if not args.parts <= {1, 2, 3, 4, 5, 6}:
@@ -447,13 +452,7 @@ def cmd_bench(args) -> int:
               "seconds": time.monotonic() - t0}
     if 6 in args.parts:
         result["curves"] = [{**c, "where": r["where"]} for r in runs for c in curve_growth(r)]
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(result))
-    if not args.no_chart:
-        print(f"kvmits bench: {write_chart(result, Path(args.chart))}", file=sys.stderr)
+    _output(result, args)
     return 0 if any(r["figures"] for r in runs) else 1
 
 
