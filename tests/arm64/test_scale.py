@@ -82,10 +82,7 @@ def test_64_vcpus_use_one_thread_each_and_bounded_idle_polling(big_lab):
     from kvmits.machine.agent.protocol import DEFAULT_IDLE_US, IDLE_CPUS_PER_BOUND
 
     assert lab.machine.agent.mailbox.idle_us == DEFAULT_IDLE_US * BIG_CPUS // IDLE_CPUS_PER_BOUND
-    before = sum(lab.machine.runner.interrupts)
-    lab.agent.ping(BIG_CPUS - 1)
-    assert lab.agent.ping(BIG_CPUS - 1, 7) == 7
-    assert sum(lab.machine.runner.interrupts) >= before
+    assert lab.agent.ping(BIG_CPUS - 1, 7) == 7                   # the last vCPU serves requests
 
 
 def test_device_ids_across_2_16_reach_the_guest_through_a_two_level_table(table_lab):
