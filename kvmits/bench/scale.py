@@ -138,10 +138,6 @@ class StopTimes:
     def _seen(self, wait: float, held: float, commands: int, vcpus: int) -> None:
         self.samples.append(held)
 
-    @property
-    def available(self) -> bool:
-        return self._observers is not None
-
     def close(self) -> None:
         if self._observers is not None:
             self._observers.remove(self._seen)
