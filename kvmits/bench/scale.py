@@ -26,6 +26,7 @@ LPIs round-robin, which KVM and the model allow (one interrupt, several ITEs nam
 from __future__ import annotations
 
 import random
+import statistics
 import threading
 import time
 import tracemalloc
@@ -156,9 +157,9 @@ def _batch_latency(lab, events: EventSet, sizes: Sizes, rng: random.Random, stop
             lab.its.submit(cmd.encode_movi(devid, ev, cpu), cmd.encode_int(devid, ev), cmd.encode_sync(cpu))
             one.append((time.perf_counter() - t0) * 1e3)
             stop += [s * 1e3 for s in stops.samples[before:]]
-        lat.append(sorted(one)[len(one) // 2])
+        lat.append(statistics.median(one))
         if stop:
-            held.append(sorted(stop)[len(stop) // 2])
+            held.append(statistics.median(stop))
     return lat, held
 
 
@@ -203,8 +204,8 @@ def _delivery(lab, counters: Counters, send, pool: list, sizes: Sizes, rng: rand
 
 
 def _routes_memory(lab, table: dict) -> tuple[dict, float]:
-    """Compile `table` into KVM's routes; the Python heap that took (bytes)."""
-    lab.routes({})
+    """Compile `table` into KVM's routes, on a lab without routes; the Python heap that took
+    (bytes)."""
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -256,7 +257,7 @@ def events_figures(mode: str, sizes: Sizes, progress) -> list[dict]:
                 out.append(figure(PART, "scale_delivery", mode, "signal_msi", "MSIs/s", "higher",
                                   _delivery(lab, counters, lambda key: signal(*key), slow, sizes, rng),
                                   cpus=lab.cpus, **tag))
-                lab.routes({})
+                lab.routes({})      # no routes to recompile in the next size's batches
             lab.agent.check()
         finally:
             stops.close()

@@ -55,12 +55,10 @@ def ensure_fd_limit(count: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return soft
+    roomy = hard == resource.RLIM_INFINITY or hard >= need
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need) if hard != resource.RLIM_INFINITY else hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard if roomy else need))
     except (ValueError, OSError):
-        if hard == resource.RLIM_INFINITY or hard >= need:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        else:
-            raise OSError(f"RLIMIT_NOFILE is {soft}/{hard} (soft/hard) and could not be raised to {need} "
-                          f"for {count} irqfds: raise it (ulimit -n) or use fewer routes") from None
+        raise OSError(f"RLIMIT_NOFILE is {soft}/{hard} (soft/hard) and could not be raised to {need} "
+                      f"for {count} irqfds: raise it (ulimit -n) or use fewer routes") from None
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

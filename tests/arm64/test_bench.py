@@ -12,14 +12,19 @@ from kvmits.bench.schema import check, modes_present
 pytestmark = pytest.mark.arm64
 
 
-def test_bench_quick_json(arm64_kvm):
-    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--quick", "--json", "--repeat", "2",
-                          "--no-chart"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert out.returncode == 0, out.stderr
+def bench_json(*args: str, timeout: float) -> tuple[dict, dict]:
+    """`kvmits bench --quick --json --no-chart ARGS` here: the checked result and its one run."""
+    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--quick", "--json", "--no-chart", *args],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     check(result)
     (run,) = result["runs"]
+    return result, run
+
+
+def test_bench_quick_json(arm64_kvm):
+    result, run = bench_json("--repeat", "2", timeout=300)
     assert run["arch"] == "aarch64" and run["where"] in ("native", "testbed")
     for name in ("msi_throughput", "msi_latency", "gits_read", "command_batch"):
         assert modes_present(run, name) == {"kernel", "user"}, name
@@ -39,12 +44,7 @@ def test_bench_part_5_quick_json(arm64_kvm):
 
     if LinuxGuest.find() is None:
         pytest.skip(LinuxGuest.why_missing())
-    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--parts", "5", "--quick", "--json", "--no-chart"],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
-    check(result)
-    (run,) = result["runs"]
+    _, run = bench_json("--parts", "5", timeout=900)
     assert not run["skipped"], run["skipped"]
     for name in ("linux_boot", "blk_iops", "affinity_moves", "its_commands", "python_its_work"):
         assert modes_present(run, name) == {"kernel", "user"}, name
@@ -65,13 +65,7 @@ def test_bench_part_5_quick_json(arm64_kvm):
 def test_bench_part_6_quick_json(arm64_kvm):
     """Part 6, scale (issue 18): every curve for both ITSes at two sizes or more, each with its
     growth named, and the targets computed from them."""
-    out = subprocess.run([sys.executable, "-m", "kvmits", "bench", "--parts", "6", "--quick", "--json", "--repeat", "1",
-                          "--no-chart"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
-    check(result)
-    (run,) = result["runs"]
+    result, run = bench_json("--parts", "6", "--repeat", "1", timeout=900)
     assert not run["skipped"], run["skipped"]
     for name in ("scale_batch", "scale_commands", "scale_delivery", "scale_routes_memory", "lpi_stress"):
         assert modes_present(run, name) == {"kernel", "user"}, name

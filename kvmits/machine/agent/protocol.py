@@ -64,12 +64,14 @@ DEFAULT_IDLE_US = 10_000
 #: the GIL from the vCPU doing the work)
 IDLE_CPUS_PER_BOUND = 4
 
+#: how long a request may take by default (the testbed runs KVM under TCG: be generous)
+DEFAULT_TIMEOUT = 10.0
+
 
 def idle_bound_us(cpus: int) -> int:
     """The bound of one idle WFI (MB_IDLE_US) on a machine of `cpus` vCPUs."""
     return DEFAULT_IDLE_US * max(1, -(-cpus // IDLE_CPUS_PER_BOUND))
-#: how long a request may take by default (the testbed runs KVM under TCG: be generous)
-DEFAULT_TIMEOUT = 10.0
+
 
 U64_MASK = (1 << 64) - 1
 

@@ -64,7 +64,7 @@ EVENT_BITS = 16                    # LPIs 8192 .. 2**16 - 1 (GITS_TYPER.IDbits o
 NR_INJECTORS = ((1 << EVENT_BITS) - LPI_BASE) // INJECTOR_EVENTS
 
 # The VMM-private memory: all 64 KiB-aligned (KVM decodes BASER addresses in the 64K format).
-DT_OFFSET = 0x00000                # device table: 1 page, flat (8192 DeviceIDs, we use one)
+DT_OFFSET = 0x00000                # device table: 1 page, flat (8192 DeviceIDs: creator, injectors)
 CT_OFFSET = 0x10000                # collection table: 1 page
 CQ_OFFSET = 0x20000                # command queue: 64 KiB = 2048 commands
 CQ_SIZE = 0x10000
@@ -290,11 +290,6 @@ class HiddenIts:
         self._emit(cmd.encode_discard(*injector_msi(intid)))
 
     # -- for routes and inspection ------------------------------------------------------------------
-    def msi_of(self, intid: int) -> tuple[int, int]:
-        """(DeviceID, EventID) of the injector event that raises `intid`: the devid and data of
-        an MSI route to `doorbell`."""
-        return injector_msi(intid)
-
     def mapping(self) -> dict[int, int]:
         """LPI -> the vCPU KVM delivers it to (after flush()): where an MSI translating to it
         really goes. LPIs without a target (see `mapped`) are left out: they go nowhere."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from kvmits.its.model import Translation
 from kvmits.kvm import EventFd, MsiRoute
 from kvmits.kvm.eventfd import ensure_fd_limit
+from kvmits.machine.its.hidden import injector_msi
 
 #: KVM_MAX_IRQ_ROUTES (include/linux/kvm_host.h): GSIs are below it
 MAX_GSI = 4096
@@ -152,7 +153,7 @@ class UserMsiRoutes:
             for key, gsi in self._table.items():
                 t = translate(*key)
                 if t.ok:
-                    devid, event = self.hidden.msi_of(t.intid)
+                    devid, event = injector_msi(t.intid)
                     routes.append(MsiRoute(gsi, self.hidden.doorbell, event, devid))
                     direct.add(key)
             self.vm.set_gsi_routing(routes)
