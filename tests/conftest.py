@@ -3,7 +3,6 @@ arm64 fixtures come from kvmits' pytest plugin (kvmits.pytest_plugin)."""
 
 from __future__ import annotations
 
-import os
 import platform
 
 import pytest
@@ -52,34 +51,17 @@ def x86_kvm(kvm):
 
 
 # In the arm64 testbed (tools/testbed sets KVMITS_TESTBED=1 in the guest): name each test on
-# the console as it starts, so that a guest kernel fault (oops, panic, a KVM WARNING) is
-# reported by the testbed as the failure of the test that was running. The line goes to
-# /dev/console through a descriptor of its own, past pytest's output capture; the host hides
-# it from the shown output. Its token (from the kernel command line) is what the host
-# accepts, so a test printing an old log cannot name another test.
-_testbed_console: dict = {}
-
-
-def _testbed_marker_target() -> tuple[int, str] | None:
-    if "fd" not in _testbed_console:
-        _testbed_console["fd"] = None
-        if os.environ.get("KVMITS_TESTBED") == "1":
-            try:
-                with open("/proc/cmdline") as f:
-                    args = f.read().split()
-                token = next(a.split("=", 1)[1] for a in args if a.startswith("kvmits.token="))
-                fd = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
-            except (OSError, StopIteration) as exc:
-                # the tests still run; only a kernel fault would not be pinned on one of them
-                print(f"tests/conftest.py: cannot name tests on the testbed console: {exc!r}")
-            else:
-                _testbed_console["fd"], _testbed_console["token"] = fd, token
-    fd = _testbed_console["fd"]
-    return None if fd is None else (fd, _testbed_console["token"])
+# the console as it starts (kvmits.lab.testbed_console), so that a guest kernel fault (oops,
+# panic, a KVM WARNING) is reported by the testbed as the failure of the test that was running.
+_testbed_console: list = []
 
 
 def pytest_runtest_logstart(nodeid, location):
-    target = _testbed_marker_target()
-    if target is not None:
-        fd, token = target
-        os.write(fd, f"KVMITS-TESTBED-RUNNING {token} {nodeid}\n".encode())
+    if not _testbed_console:
+        from kvmits.lab.testbed_console import TestbedConsole
+
+        _testbed_console.append(TestbedConsole())
+        if _testbed_console[0].problem:
+            # the tests still run; only a kernel fault would not be pinned on one of them
+            print(f"tests/conftest.py: {_testbed_console[0].problem}")
+    _testbed_console[0].running(nodeid)

@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "kvmits"
 
 #: bottom to top; a module may import its own layer and the ones before it
-LAYERS = ("errors", "newc", "uapi", "kvm", "its", "gic", "machine", "lab", "bench", "cli")
+LAYERS = ("errors", "newc", "uapi", "kvm", "its", "gic", "machine", "lab", "fuzz", "bench", "cli")
 #: modules outside the layers: the package's own entry points (the command line's __main__, the
 #: pytest plugin, which hands a run to the testbed like the command line does)
 TOP = {"__init__", "__main__", "pytest_plugin"}
