@@ -1,12 +1,31 @@
-/* iogen: random-read load on a block device for a Linux guest whose initramfs has only busybox
- * (no fio, no libaio). Native AIO through raw syscalls, a fixed queue depth, per-I/O latency,
- * and optionally IRQ affinity churn (/proc/irq/N/smp_affinity_list) while the I/O runs.
+/* iogen: block-device load for a Linux guest whose initramfs has only busybox (no fio, no
+ * libaio). Native AIO through raw syscalls, a fixed queue depth, per-I/O latency, and optionally
+ * IRQ affinity churn (/proc/irq/N/smp_affinity_list) while the I/O runs.
  *
  *   iogen DEVICE --qd N --seconds S [--bs BYTES] [--seed N]
  *         [--churn IRQ[,IRQ...] --churn-hz HZ --cpus NCPUS]
+ *         [--verify [--write-pct P]] [--progress SECONDS] [--stall-seconds S]
  *
- * One line on stdout at the end: KVMITS-IOGEN {json}. Exit 0 clean, 1 errors or lost I/O (the
- * line is still printed), 2 setup failure (message on stderr, no line). */
+ * Without --verify: random reads for S seconds (phase "read").
+ * With --verify the device is opened read-write and the run has three phases:
+ *   fill   every block written once (generation 1), QD N;
+ *   mixed  S seconds of random reads and writes (P% writes, default 50) at QD N;
+ *   sweep  every block read back once.
+ * A written block is a deterministic function of (block number, generation): a header (magic,
+ * block number, generation, FNV-1a-64 of the rest of the block) and a payload drawn from a
+ * PRNG seeded by both. iogen keeps the generation it last wrote to each block in memory, and
+ * every read must give back exactly that block; anything else is "corrupt": "stale" (a whole,
+ * valid block of another generation: a lost or reordered write), "misdirected" (a whole, valid
+ * block of another block number) or "damaged" (torn, bit flips, zeros: the checksum or header
+ * does not hold). Two I/Os on one block are never in flight at once, so the expectation is exact.
+ *
+ * --progress T: a line KVMITS-IOGEN-PROGRESS {json} every T seconds (counts so far, the oldest
+ * I/O in flight), so that a watcher sees throughput over time and a stall as it happens.
+ * --stall-seconds S (default 10): an I/O outstanding longer than S is "stalled" (counted when it
+ * completes; still outstanding at the end it is "lost").
+ *
+ * One line on stdout at the end: KVMITS-IOGEN {json}. Exit 0 clean; 1 errors, lost, stalled or
+ * corrupt I/O (the line is still printed); 2 setup failure (message on stderr, no line). */
 #define _GNU_SOURCE /* O_DIRECT, syscall() */
 #include <errno.h>
 #include <fcntl.h>
@@ -144,14 +163,79 @@ static void churn_once(void)
     tick++;
 }
 
-struct slot { struct iocb cb; void *buf; uint64_t t0; };
+/* --verify: the block format. Little-endian u64s (both the guest, arm64, and the host tests,
+ * x86_64, are little-endian: the words are stored as the CPU holds them). */
+#define MAGIC 0x314B4C4253544D4Bull   /* "KMTSBLK1" read as bytes */
+#define HDR_MAGIC 0
+#define HDR_BLOCK 1
+#define HDR_GEN 2
+#define HDR_SUM 3
+#define HDR_WORDS 4
+#define CORRUPT_LIST 8                /* block numbers of the first corrupt reads, in the JSON */
+
+/* FNV-1a, 64-bit (Fowler, Noll, Vo): over the block's bytes except the checksum word */
+static uint64_t block_sum(const unsigned char *b, uint64_t bs)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (uint64_t i = 0; i < bs; i++) {
+        if (i == HDR_SUM * 8) { i += 7; continue; }
+        h ^= b[i];
+        h *= 0x100000001B3ull;
+    }
+    return h;
+}
+
+/* the contents of block `block` at generation `gen`: the header, then a payload of xorshift64*
+ * words from a state that splitmix64 makes of (block, gen), so every (block, gen) differs */
+static void block_fill(unsigned char *b, uint64_t bs, uint64_t block, uint64_t gen)
+{
+    uint64_t w[HDR_WORDS] = { MAGIC, block, gen, 0 };
+    uint64_t z = block * 0xD1342543DE82EF95ull + gen + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    uint64_t s = (z ^ (z >> 31)) | 1;
+    memcpy(b, w, sizeof w);
+    for (uint64_t off = sizeof w; off + 8 <= bs; off += 8) {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        uint64_t v = s * 0x2545F4914F6CDD1Dull;
+        memcpy(b + off, &v, 8);
+    }
+    uint64_t sum = block_sum(b, bs);
+    memcpy(b + HDR_SUM * 8, &sum, 8);
+}
+
+enum kind { OK, STALE, MISDIRECTED, DAMAGED };
+
+/* what a read of `block` (expected at generation `gen`) gave back; `scratch` is bs bytes */
+static enum kind block_check(const unsigned char *b, uint64_t bs, uint64_t block, uint64_t gen,
+                             unsigned char *scratch)
+{
+    block_fill(scratch, bs, block, gen);
+    if (!memcmp(b, scratch, bs)) return OK;
+    uint64_t w[HDR_WORDS];
+    memcpy(w, b, sizeof w);
+    /* a whole block (its checksum holds) that is not the one expected: which one it is says how
+     * it got there; the checksum alone could be a chance match, so it must also be the exact
+     * contents of the (block, generation) its header names */
+    if (w[HDR_MAGIC] != MAGIC || w[HDR_SUM] != block_sum(b, bs)) return DAMAGED;
+    block_fill(scratch, bs, w[HDR_BLOCK], w[HDR_GEN]);
+    if (memcmp(b, scratch, bs)) return DAMAGED;
+    return w[HDR_BLOCK] != block ? MISDIRECTED : STALE;
+}
+
+enum phase { PH_READ, PH_FILL, PH_MIXED, PH_SWEEP };
+static const char *const phase_names[] = { "read", "fill", "mixed", "sweep" };
+
+struct slot { struct iocb cb; void *buf; uint64_t t0, block, gen; int busy, write; };
 
 int main(int argc, char **argv)
 {
     const char *dev = NULL;
-    uint64_t qd = 0, bs = 4096, seed = 1, v;
-    double seconds = 0;
-    int have_churn = 0, have_hz = 0, have_cpus = 0;
+    uint64_t qd = 0, bs = 4096, seed = 1, write_pct = 50, v;
+    double seconds = 0, progress = 0, stall_seconds = 10;
+    int have_churn = 0, have_hz = 0, have_cpus = 0, verify = 0, have_pct = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
@@ -160,6 +244,7 @@ int main(int argc, char **argv)
             dev = a;
             continue;
         }
+        if (!strcmp(a, "--verify")) { verify = 1; continue; }   /* the one option without a value */
         if (!val) bad_arg(a, NULL);
         i++;
         if (!strcmp(a, "--qd")) { if (parse_u64(val, 1, MAX_QD, &qd)) bad_arg(a, val); }
@@ -168,6 +253,9 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--bs")) { if (parse_u64(val, 512, 1 << 24, &bs) || bs % 512) bad_arg(a, val); }
         else if (!strcmp(a, "--seed")) { if (parse_u64(val, 0, UINT64_MAX, &seed)) bad_arg(a, val); }
         else if (!strcmp(a, "--seconds")) { if (parse_pos_double(val, 1e6, &seconds)) bad_arg(a, val); }
+        else if (!strcmp(a, "--progress")) { if (parse_pos_double(val, 1e6, &progress)) bad_arg(a, val); }
+        else if (!strcmp(a, "--stall-seconds")) { if (parse_pos_double(val, 1e6, &stall_seconds)) bad_arg(a, val); }
+        else if (!strcmp(a, "--write-pct")) { if (parse_u64(val, 0, 100, &write_pct)) bad_arg(a, val); have_pct = 1; }
         else if (!strcmp(a, "--churn-hz")) { if (parse_pos_double(val, 1e5, &churn_hz)) bad_arg(a, val); have_hz = 1; }
         else if (!strcmp(a, "--cpus")) { if (parse_u64(val, 1, 1u << 16, &v)) bad_arg(a, val); ncpus = (unsigned)v; have_cpus = 1; }
         else if (!strcmp(a, "--churn")) {
@@ -187,9 +275,12 @@ int main(int argc, char **argv)
     if (seconds <= 0) bad_arg("--seconds", NULL);
     if (have_churn != have_hz || have_churn != have_cpus)
         bad_arg("--churn", "needs --churn-hz and --cpus (and they need --churn)");
+    if (have_pct && !verify) bad_arg("--write-pct", "needs --verify (without it iogen only reads)");
+    /* the header must fit, and the payload is whole u64s */
+    if (verify && (bs < HDR_WORDS * 8 || bs % 8)) bad_arg("--bs", "too small for --verify");
 
-    /* O_DIRECT: the reads bypass the page cache, so each one reaches the device */
-    int fd = open(dev, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    /* O_DIRECT: the I/O bypasses the page cache, so each one reaches the device */
+    int fd = open(dev, (verify ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
     if (fd < 0) die(dev, errno);
     struct stat st;
     uint64_t size;
@@ -199,12 +290,26 @@ int main(int argc, char **argv)
     else die(dev, ENOTBLK);
     uint64_t nblocks = size / bs;
     if (!nblocks) die("device smaller than --bs", EINVAL);
+    /* --verify keeps one I/O per block in flight at most: the random pick needs a free block */
+    if (verify && nblocks <= qd) die("--verify needs more blocks than --qd", EINVAL);
 
     struct slot *slots = calloc(qd, sizeof *slots);
     unsigned *free_ = calloc(qd, sizeof *free_);
     struct io_event *events = calloc(qd, sizeof *events);
     uint64_t *lat = malloc(LAT_CAP * sizeof *lat);
     if (!slots || !free_ || !events || !lat) die("malloc", ENOMEM);
+    /* --verify: per block the generation last written (0: none yet), whether its contents are
+     * known (a failed write or a corrupt read leaves them unknown until the next good write),
+     * and whether an I/O on it is in flight */
+    uint32_t *gens = NULL;
+    unsigned char *known = NULL, *busy = NULL, *scratch = NULL;
+    if (verify) {
+        gens = calloc(nblocks, sizeof *gens);
+        known = calloc(nblocks, 1);
+        busy = calloc(nblocks, 1);
+        scratch = malloc(bs);
+        if (!gens || !known || !busy || !scratch) die("malloc", ENOMEM);
+    }
     unsigned nfree = 0;
     for (unsigned i = 0; i < qd; i++) {
         int err = posix_memalign(&slots[i].buf, 4096, bs);
@@ -220,43 +325,90 @@ int main(int argc, char **argv)
     }
     rng_seed(seed);
 
-    uint64_t ios = 0, errors = 0, nlat = 0, sum_ns = 0, max_ns = 0;
+    uint64_t ios = 0, errors = 0, nlat = 0, sum_ns = 0, max_ns = 0, stalled = 0;
+    uint64_t reads = 0, writes = 0, fill_writes = 0, sweep_reads = 0, unverified = 0;
+    uint64_t corrupt = 0, stale = 0, misdirected = 0, damaged = 0, corrupt_blocks[CORRUPT_LIST];
     int64_t first_error = 0;
     int have_first_error = 0, stop = 0, draining = 0;
-    uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9);
+    enum phase phase = verify ? PH_FILL : PH_READ;
+    uint64_t next_block = 0;            /* fill and sweep: the next block to submit */
+    uint64_t stall_ns = (uint64_t)(stall_seconds * 1e9);
+    uint64_t start = now_ns(), end = verify ? UINT64_MAX : start + (uint64_t)(seconds * 1e9);
     uint64_t period = have_churn ? (uint64_t)(1e9 / churn_hz) : 0, next_churn = start + period;
-    uint64_t deadline = end, t = start, t_last = start;
+    uint64_t pperiod = progress > 0 ? (uint64_t)(progress * 1e9) : 0, next_progress = start + pperiod;
+    uint64_t deadline = 0, t = start, t_last = start;
 
     for (;;) {
-        /* keep qd in flight: one io_submit per free slot, each iocb a PREAD at a random block */
-        while (!stop && t < end && nfree) {
+        /* keep qd in flight: one io_submit per free slot */
+        while (!stop && !draining && nfree) {
+            uint64_t block;
+            int write;
+            if (phase == PH_FILL || phase == PH_SWEEP) {
+                /* the sweep reads only what it can check */
+                while (phase == PH_SWEEP && next_block < nblocks && !known[next_block]) { unverified++; next_block++; }
+                if (next_block == nblocks) break;
+                block = next_block++;
+                write = phase == PH_FILL;
+            } else {
+                if (t >= end) break;
+                block = rng_below(nblocks);
+                if (verify) {
+                    while (busy[block]) block = block + 1 == nblocks ? 0 : block + 1;
+                    /* a block whose contents are unknown cannot be checked: write it instead */
+                    write = rng_below(100) < write_pct || !known[block];
+                } else write = 0;
+            }
             unsigned s = free_[--nfree];
-            struct iocb *cb = &slots[s].cb, *cbs[1] = { cb };
+            struct slot *sl = &slots[s];
+            struct iocb *cb = &sl->cb, *cbs[1] = { cb };
+            sl->block = block;
+            sl->write = write;
+            if (write) {
+                sl->gen = (uint64_t)gens[block] + 1;
+                block_fill(sl->buf, bs, block, sl->gen);
+            }
             memset(cb, 0, sizeof *cb);
             cb->aio_data = s; /* comes back in io_event.data */
-            cb->aio_lio_opcode = IOCB_CMD_PREAD;
+            cb->aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
             cb->aio_fildes = (uint32_t)fd;
-            cb->aio_buf = (uint64_t)(uintptr_t)slots[s].buf;
+            cb->aio_buf = (uint64_t)(uintptr_t)sl->buf;
             cb->aio_nbytes = bs;
-            cb->aio_offset = (int64_t)(rng_below(nblocks) * bs);
-            slots[s].t0 = now_ns();
-            /* io_submit fails only for a bad iocb or no resources; an I/O error of the read
+            cb->aio_offset = (int64_t)(block * bs);
+            sl->t0 = now_ns();
+            /* io_submit fails only for a bad iocb or no resources; an I/O error of the request
              * itself arrives as a completion with a negative res */
             if (syscall(SYS_io_submit, ctx, 1L, cbs) != 1) {
                 int err = errno;
                 free_[nfree++] = s;
+                if (phase == PH_FILL || phase == PH_SWEEP) next_block--;   /* submit it again */
                 if (err == EAGAIN && nfree < qd) break; /* retry after a completion */
                 errors++;
                 if (!have_first_error) { first_error = -err; have_first_error = 1; }
                 stop = 1; /* a submission that fails will fail again: end the run, drain */
+                break;
             }
+            sl->busy = 1;
+            if (verify) busy[block] = 1;
         }
-        if (!draining && (t >= end || stop)) { draining = 1; deadline = t + DRAIN_NS; }
-        if (draining && (nfree == qd || t >= deadline)) break;
-        /* wait for at least one completion, but not past the next deadline (churn tick, end of
-         * run, end of drain): io_getevents' timeout is relative */
-        uint64_t until = deadline;
-        if (have_churn && !draining && next_churn < until) until = next_churn;
+        /* a phase's submissions are over: wait (at most DRAIN_NS) for what is in flight, then
+         * the next phase, or the end */
+        int submitted_all = phase == PH_FILL || phase == PH_SWEEP ? next_block == nblocks : t >= end;
+        if (!draining && (submitted_all || stop)) { draining = 1; deadline = t + DRAIN_NS; }
+        if (draining && nfree == qd) {
+            if (stop || phase == PH_READ || phase == PH_SWEEP) break;
+            phase = phase == PH_FILL ? PH_MIXED : PH_SWEEP;
+            if (phase == PH_MIXED) end = t + (uint64_t)(seconds * 1e9);
+            next_block = 0;
+            draining = 0;
+            continue;
+        }
+        if (draining && t >= deadline) break;   /* lost I/O: the run ends here */
+        /* wait for at least one completion, but not past the next deadline (churn tick,
+         * progress line, end of the phase or of the drain), and at least once a second:
+         * io_getevents' timeout is relative */
+        uint64_t until = draining ? deadline : end < t + 1000000000ull ? end : t + 1000000000ull;
+        if (have_churn && next_churn < until) until = next_churn;
+        if (pperiod && next_progress < until) until = next_progress;
         uint64_t wait = until > t ? until - t : 0;
         struct timespec ts = { (time_t)(wait / 1000000000u), (long)(wait % 1000000000u) };
         long n = syscall(SYS_io_getevents, ctx, 1L, (long)qd, events, &ts);
@@ -265,22 +417,65 @@ int main(int argc, char **argv)
         if (n > 0) t_last = t;
         for (long i = 0; i < n; i++) {
             unsigned s = (unsigned)events[i].data;
+            struct slot *sl = &slots[s];
             free_[nfree++] = s;
-            if (events[i].res != (int64_t)bs) { /* short read or -errno */
+            sl->busy = 0;
+            if (verify) busy[sl->block] = 0;
+            uint64_t d = t - sl->t0;
+            if (d > stall_ns) stalled++;
+            if (events[i].res != (int64_t)bs) { /* short transfer or -errno */
                 errors++;
                 if (!have_first_error) { first_error = events[i].res; have_first_error = 1; }
+                /* a failed write may have written some of the block, or none, or all of it */
+                if (verify && sl->write) { gens[sl->block] = (uint32_t)sl->gen; known[sl->block] = 0; }
                 continue;
             }
-            uint64_t d = t - slots[s].t0;
             ios++;
             sum_ns += d;
             if (d > max_ns) max_ns = d;
             if (nlat < LAT_CAP) lat[nlat++] = d;
+            if (!verify) { reads++; continue; }
+            if (sl->write) {
+                writes++;
+                if (phase == PH_FILL) fill_writes++;
+                gens[sl->block] = (uint32_t)sl->gen;
+                known[sl->block] = 1;
+                continue;
+            }
+            reads++;
+            if (phase == PH_SWEEP) sweep_reads++;
+            enum kind k = block_check(sl->buf, bs, sl->block, gens[sl->block], scratch);
+            if (k == OK) continue;
+            if (corrupt < CORRUPT_LIST) corrupt_blocks[corrupt] = sl->block;
+            corrupt++;
+            if (k == STALE) stale++;
+            else if (k == MISDIRECTED) misdirected++;
+            else damaged++;
+            known[sl->block] = 0;   /* counted once; the next write of it makes it known again */
         }
-        if (have_churn && !draining && t >= next_churn) {
+        if (have_churn && t >= next_churn) {
             churn_once();
             next_churn += period;
             if (next_churn <= t) next_churn = t + period; /* fell behind: skip, do not burst */
+        }
+        if (pperiod && t >= next_progress) {
+            /* the oldest I/O in flight, and how many are past the stall bound, right now */
+            uint64_t oldest = 0, stalled_now = 0;
+            for (unsigned s = 0; s < qd; s++) {
+                if (!slots[s].busy) continue;
+                uint64_t age = t - slots[s].t0;
+                if (age > oldest) oldest = age;
+                if (age > stall_ns) stalled_now++;
+            }
+            printf("KVMITS-IOGEN-PROGRESS {\"t\":%.3f,\"phase\":\"%s\",\"ios\":%" PRIu64 ",\"reads\":%" PRIu64
+                   ",\"writes\":%" PRIu64 ",\"errors\":%" PRIu64 ",\"corrupt\":%" PRIu64 ",\"stalled\":%" PRIu64
+                   ",\"inflight\":%u,\"stalled_now\":%" PRIu64 ",\"oldest_ms\":%.3f,\"moves\":%" PRIu64
+                   ",\"move_failures\":%" PRIu64 "}\n",
+                   (double)(t - start) / 1e9, phase_names[phase], ios, reads, writes, errors, corrupt, stalled,
+                   (unsigned)(qd - nfree), stalled_now, (double)oldest / 1e6, moves, move_failures);
+            fflush(stdout);
+            next_progress += pperiod;
+            if (next_progress <= t) next_progress = t + pperiod;
         }
     }
     uint64_t lost = qd - nfree;
@@ -292,7 +487,8 @@ int main(int argc, char **argv)
     printf(",\"bs\":%" PRIu64 ",\"qd\":%" PRIu64 ",\"seconds\":%.6f,\"ios\":%" PRIu64
            ",\"errors\":%" PRIu64 ",\"first_error\":", bs, qd, secs, ios, errors);
     if (have_first_error) printf("%" PRId64, first_error); else printf("null");
-    printf(",\"lost\":%" PRIu64 ",\"iops\":%.1f,\"lat_us\":", lost, secs > 0 ? ios / secs : 0.0);
+    printf(",\"lost\":%" PRIu64 ",\"stalled\":%" PRIu64 ",\"stall_seconds\":%g,\"iops\":%.1f,\"lat_us\":",
+           lost, stalled, stall_seconds, secs > 0 ? ios / secs : 0.0);
     if (nlat) {
         qsort(lat, nlat, sizeof *lat, cmp_u64);
         printf("{\"mean\":%.3f,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f}", sum_ns / 1000.0 / ios,
@@ -306,10 +502,22 @@ int main(int argc, char **argv)
                churn_hz, moves, move_failures);
         if (first_errno) printf("%d}", first_errno); else printf("null}");
     } else printf("null");
+    printf(",\"verify\":");
+    if (verify) {
+        printf("{\"blocks\":%" PRIu64 ",\"write_pct\":%" PRIu64 ",\"phase\":\"%s\",\"reads\":%" PRIu64
+               ",\"writes\":%" PRIu64 ",\"fill_writes\":%" PRIu64 ",\"sweep_reads\":%" PRIu64
+               ",\"unverified\":%" PRIu64 ",\"corrupt\":%" PRIu64 ",\"stale\":%" PRIu64
+               ",\"misdirected\":%" PRIu64 ",\"damaged\":%" PRIu64 ",\"corrupt_blocks\":[",
+               nblocks, write_pct, phase_names[phase], reads, writes, fill_writes, sweep_reads, unverified,
+               corrupt, stale, misdirected, damaged);
+        for (uint64_t i = 0; i < corrupt && i < CORRUPT_LIST; i++)
+            printf("%s%" PRIu64, i ? "," : "", corrupt_blocks[i]);
+        printf("]}");
+    } else printf("null");
     printf("}\n");
     fflush(stdout);
     /* io_destroy waits for every outstanding request (as process exit does): with lost I/O it
      * may never return, so the line above goes out first */
     if (!lost) syscall(SYS_io_destroy, ctx);
-    return errors || lost ? 1 : 0;
+    return errors || lost || stalled || corrupt ? 1 : 0;
 }
