@@ -67,11 +67,15 @@ def iogen_path() -> Path:
     return path
 
 
+#: the jobs' shell function `irqs NAME`: /proc/interrupts as a section InterruptTables reads
+IRQS_SH = 'irqs() { echo "== interrupts $1"; cat /proc/interrupts; echo "== end"; }'
+
+
 def job(seconds: float, churn_hz: int = CHURN_HZ, cpus: int = CPUS) -> str:
     """The guest's job: the four phases, /proc/interrupts after each."""
     run = f"/{IOGEN_GUEST_PATH} --seconds {seconds}"
     return f"""
-irqs() {{ echo "== interrupts $1"; cat /proc/interrupts; echo "== end"; }}
+{IRQS_SH}
 irqs start
 echo "KVMITS-PHASE io-qd1"
 {run} /dev/vda --qd 1 --seed 1
@@ -105,23 +109,44 @@ def parse_interrupts(text: str, cpus: int = CPUS) -> dict[str, list[int]]:
     return out
 
 
+class InterruptTables:
+    """The /proc/interrupts sections a job prints with IRQS_SH, read line by line: `tables`,
+    section name -> parse_interrupts() of it."""
+
+    def __init__(self, cpus: int = CPUS):
+        self.cpus = cpus
+        self.tables: dict[str, dict[str, list[int]]] = {}
+        self._section: str | None = None
+        self._lines: list[str] = []
+
+    def line(self, line: str) -> bool:
+        """Take one console line (without its line end); True if it belonged to a section."""
+        if line.startswith("== interrupts "):
+            parts = line.split()
+            self._section, self._lines = (parts[2] if len(parts) > 2 else ""), []
+            return True
+        if self._section is None:
+            return False
+        if line == "== end":
+            self.tables[self._section] = parse_interrupts("\n".join(self._lines), self.cpus)
+            self._section = None
+        else:
+            self._lines.append(line)
+        return True
+
+
 def parse_output(console: str) -> tuple[dict[str, dict], dict[str, dict[str, list[int]]]]:
     """(phase -> iogen's report, phase -> /proc/interrupts) from the job's console output."""
-    reports, tables = {}, {}
-    phase, section, lines = None, None, []
+    reports = {}
+    phase, sections = None, InterruptTables()
     for line in console.replace("\r", "").splitlines():
+        if sections.line(line):
+            continue
         if line.startswith("KVMITS-PHASE "):
             phase = line.split(None, 1)[1].strip()
         elif line.startswith(IOGEN_MARK) and phase is not None:
             reports[phase] = json.loads(line[len(IOGEN_MARK):])
-        elif line.startswith("== interrupts "):
-            section, lines = line.split()[2], []
-        elif line == "== end" and section is not None:
-            tables[section] = parse_interrupts("\n".join(lines))
-            section = None
-        elif section is not None:
-            lines.append(line)
-    return reports, tables
+    return reports, sections.tables
 
 
 def interrupt_delta(tables: dict, before: str, after: str, name: re.Pattern) -> list[int]:
@@ -168,6 +193,14 @@ def counters(machine) -> dict:
             "slow_path_msis": stats.get("slow_path_msis", 0)}
 
 
+def disk_image(workdir: str, name: str, size: int) -> str:
+    """A new disk image file of `size` bytes of zeros (sparse) in workdir; its path."""
+    path = os.path.join(workdir, name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def boot(its: str, guest, iogen: bytes, seconds: float, *, traced: bool, workdir: str) -> dict:
     """One boot of the job with ITS `its`: the console's marks and output, and (traced) the
     trace's summary."""
@@ -176,12 +209,7 @@ def boot(its: str, guest, iogen: bytes, seconds: float, *, traced: bool, workdir
     from kvmits.machine.machine import Disk
     from kvmits.machine.trace import CLASSES, ConsoleMarks, Tracer, read_trace, summarize
 
-    disks = []
-    for name in ("vda.img", "vdb.img"):
-        path = os.path.join(workdir, name)
-        with open(path, "wb") as f:
-            f.truncate(DISK_BYTES)
-        disks.append(path)
+    disks = [disk_image(workdir, name, DISK_BYTES) for name in ("vda.img", "vdb.img")]
     config = MachineConfig(cpus=CPUS, mem_size=MEM, its=its,
                            disks=(Disk(disks[0]), Disk(disks[1], queues=2, vectors=2)))
     out = io.BytesIO()
