@@ -458,12 +458,10 @@ class ItsModel:
                      | (R.PAGE_SIZE_ENCODING[page] << R.GITS_BASER_PAGE_SIZE_SHIFT))
         return value
 
-    def _write_baser(self, n: int, value: int) -> None:
+    def _baser_value(self, n: int, value: int) -> int:
+        """What GITS_BASER<n> holds after a write of `value` (n = 2..7: RAZ/WI, Type = 0)."""
         if n > 1:
-            return                      # no table of that kind: RAZ/WI (Type = 0)
-        if self._enabled:
-            self.ro_writes += 1         # ignored while enabled (KVM)
-            return
+            return 0
         table_type = R.GITS_BASER_TYPE_DEVICE if n == 0 else R.GITS_BASER_TYPE_COLLECTION
         value &= ~R.GITS_BASER_RO_MASK
         if n == 1 and not self.config.collection_indirect:
@@ -473,7 +471,15 @@ class ItsModel:
         if self.config.sanitise_attributes:
             value = self._sanitise(value, R.GITS_BASER_INNERCACHE_SHIFT,
                                    R.GITS_BASER_OUTERCACHE_SHIFT, R.GITS_BASER_SHAREABILITY_SHIFT)
-        value = self._fix_page_size(value)
+        return self._fix_page_size(value)
+
+    def _write_baser(self, n: int, value: int) -> None:
+        if n > 1:
+            return                      # no table of that kind: RAZ/WI (Type = 0)
+        if self._enabled:
+            self.ro_writes += 1         # ignored while enabled (KVM)
+            return
+        value = self._baser_value(n, value)
         self._baser[n] = value
         geometry = R.decode_baser(value)
         if n == 0:
@@ -1020,6 +1026,14 @@ class ItsModel:
         The sink is told `unmapped` for every ITE before and, with notify_sink, `mapped` for
         every ITE after."""
         parsed = _parse_state(state, self.redistributors.nr_vcpus, self.config)
+        regs = parsed[0]
+        # Only values GITS_BASER<n> can hold, i.e. that a write leaves as they are: a
+        # GITS_BASER2..7 that is not zero (RAZ/WI), or a BASER0 whose RO Type says
+        # "collections", is no state this ITS can be in (found by tools/fuzz model).
+        for n, value in enumerate(regs["baser"]):
+            if self._baser_value(n, value) != value:
+                raise ValueError(f"ITS state: registers.baser[{n}] = {value:#x} is not a value "
+                                 f"GITS_BASER{n} can hold")
         self._release_all()
         regs, devices, collections, placeholders = parsed
         self._init_state()

@@ -98,6 +98,24 @@ def test_load_state_validates(path, value):
     assert h.its.dump() == before
 
 
+@pytest.mark.parametrize("n, value", [
+    (5, R.GITS_BASER_VALID),                       # GITS_BASER2..7 are RAZ/WI
+    (1, 0xFFFE0),                                  # BASER1's RO Type and Entry_Size gone
+    (0, (R.GITS_BASER_TYPE_COLLECTION << R.GITS_BASER_TYPE_SHIFT) | (7 << 48) | (2 << 8)),
+    (0, (R.GITS_BASER_TYPE_DEVICE << R.GITS_BASER_TYPE_SHIFT) | (7 << 48)),   # 4K: not KVM's
+])
+def test_load_state_refuses_a_gits_baser_the_register_cannot_hold(n, value):
+    """Found by tools/fuzz model (tests/fuzz/crashers/load-state-baser): a state with such a
+    BASER loaded, and then the ITS read 1-byte 'table entries' or showed a RAZ register."""
+    h = busy_harness()
+    state = copy.deepcopy(h.its.save_state())
+    state["registers"]["baser"][n] = value
+    before = h.its.save_state()
+    with pytest.raises(ValueError, match=f"GITS_BASER{n} can hold"):
+        h.its.load_state(state)
+    assert h.its.save_state() == before
+
+
 def test_load_state_respects_the_ite_limit():
     h = busy_harness()
     small = Harness(ItsConfig(max_ites=2), nr_vcpus=3)
