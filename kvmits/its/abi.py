@@ -301,14 +301,18 @@ def _scan(reader: _Reader, base: int, size: int, start_id: int, fn) -> int:
 
 
 def read_tables(mem, baser0: int, baser1: int, *, nr_vcpus: int | None = None,
-                max_entries: int = DEFAULT_MAX_ENTRIES) -> TablesContent:
+                max_entries: int = DEFAULT_MAX_ENTRIES, devbits: int | None = None,
+                idbits: int | None = None) -> TablesContent:
     """Decode the device table, every ITT and the collection table (ABI rev 0).
 
     Applies the kernel's restore checks, raising ItsTableError where
     KVM_DEV_ARM_ITS_RESTORE_TABLES would fail: a collection target >= nr_vcpus (when given),
     a duplicated ICID, an ITE whose pINTID < 8192, whose `next` leaves the device's EventID
     space, or whose collection is not in the collection table; a walk longer than
-    `max_entries` entries, or an entry outside guest RAM.
+    `max_entries` entries, or an entry outside guest RAM. With `devbits` / `idbits` (the
+    ITS's GITS_TYPER.Devbits + 1 and ID_bits + 1), a DTE of a DeviceID or with an EventID
+    size beyond them, as MAPD refuses (vgic_its_restore_dte: vgic_its_check_id, and the
+    EventID bits since "KVM: arm64: vgic-its: Reject restored DTEs with too many EventID bits").
     """
     reader = _Reader(mem, max_entries)
     collections: dict[int, int] = {}
@@ -341,6 +345,11 @@ def read_tables(mem, baser0: int, baser1: int, *, nr_vcpus: int | None = None,
         dte = decode_dte(value)
         if not dte.valid:
             return 1
+        if devbits is not None and devid >> devbits:
+            raise ItsTableError(f"DeviceID {devid:#x} is beyond the ITS's {devbits} DeviceID bits")
+        if idbits is not None and dte.size_bits > idbits:
+            raise ItsTableError(f"device {devid:#x}: {dte.size_bits} EventID bits, the ITS "
+                                f"has {idbits}")
         events: dict[int, dict] = {}
         limit = 1 << dte.size_bits
 

@@ -1091,7 +1091,8 @@ class ItsModel:
         inconsistent the way the kernel would refuse them."""
         content = abi.read_tables(self.memory, self._baser[0], self._baser[1],
                                   nr_vcpus=self.redistributors.nr_vcpus,
-                                  max_entries=max_entries)
+                                  max_entries=max_entries, devbits=self._devbits,
+                                  idbits=self.config.idbits)
         dump = content.dump
         devices = {}
         count = 0

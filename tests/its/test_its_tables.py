@@ -201,6 +201,27 @@ def test_restore_failure_changes_nothing():
     assert h.its.dump() == before
 
 
+@pytest.mark.parametrize("devid, size_bits, message", [
+    (16, 1, "DeviceID 0x10 is beyond the ITS's 4 DeviceID bits"),
+    (3, 17, "17 EventID bits, the ITS has 16"),
+])
+def test_restore_refuses_what_mapd_refuses(devid, size_bits, message):
+    """A DTE of a DeviceID beyond GITS_TYPER.Devbits, or with more EventID bits than ID_bits,
+    is refused as MAPD refuses it (KVM's vgic_its_restore_dte: vgic_its_check_id, and the
+    EventID bits check). Found by tools/fuzz model (tests/fuzz/crashers/restore-devbits): the
+    model restored DeviceID 0x10 into an ITS of 4 DeviceID bits."""
+    h = Harness(ItsConfig(devbits=4), nr_vcpus=1)
+    h.ram.poke_u64(DEVICE_TABLE + 8 * devid, abi.encode_dte(itt(0), size_bits))
+    with pytest.raises(ItsTableError, match=message):
+        h.its.restore_tables()
+    assert h.its.dump() == {"collections": {}, "devices": {}}
+    # the same DTE inside both bounds is restored
+    h.ram.poke_u64(DEVICE_TABLE + 8 * devid, 0)
+    h.ram.poke_u64(DEVICE_TABLE + 8 * 3, abi.encode_dte(itt(0), 16))
+    h.its.restore_tables()
+    assert list(h.its.dump()["devices"]) == [3]
+
+
 def test_orphaned_ites_are_saved_as_the_kernel_saves_them():
     """MAPC V=0 leaves the kernel's ITEs of that collection without one; its
     KVM_DEV_ARM_ITS_SAVE_TABLES (vgic_its_save_ite, seen on the testbed's Debian 6.1 kernel)
