@@ -11,7 +11,7 @@ import sys
 
 # Sub-command modules, in the order `kvmits --help` lists them. Each must import: a broken one
 # fails the whole command line loudly rather than vanish from --help.
-SUBCOMMANDS = ("probe", "run", "test", "demo", "bench", "its", "vm", "trace")
+SUBCOMMANDS = ("probe", "run", "test", "demo", "bench", "soak", "its", "vm", "trace")
 
 
 def build_parser() -> argparse.ArgumentParser:
