@@ -1148,6 +1148,11 @@ def _parse_state(state: dict, nr_vcpus: int, config: ItsConfig):
     qsize = ((regs["cbaser"] & R.GITS_CBASER_SIZE_MASK) + 1) * 4096
     if regs["creadr"] >= qsize:
         raise ValueError("ITS state: CREADR is beyond the command queue")
+    if regs["cwriter"] >= qsize and not regs["queue_invalid"]:
+        # only CwriterOutOfRange.STOP_QUEUE keeps such a GITS_CWRITER, and marks the queue
+        # invalid; a runnable queue with it would read commands past the queue's end
+        # (found by tools/fuzz model)
+        raise ValueError("ITS state: CWRITER is beyond the command queue of a valid queue")
 
     def keyed(mapping, what):
         if not isinstance(mapping, dict):

@@ -116,6 +116,21 @@ def test_load_state_refuses_a_gits_baser_the_register_cannot_hold(n, value):
     assert h.its.save_state() == before
 
 
+def test_load_state_refuses_cwriter_beyond_a_valid_queue():
+    """Found by tools/fuzz model (tests/fuzz/crashers/load-state-cwriter): GITS_CWRITER past
+    the queue's end with the queue not marked invalid made the model read commands beyond the
+    queue. Only CwriterOutOfRange.STOP_QUEUE keeps such a value, with the queue invalid."""
+    h = busy_harness()
+    state = copy.deepcopy(h.its.save_state())
+    state["registers"]["cwriter"] = 0x2000                 # the queue is one 4 KiB page
+    with pytest.raises(ValueError, match="CWRITER is beyond"):
+        h.its.load_state(state)
+    state["registers"]["queue_invalid"] = True
+    h.its.load_state(state)
+    assert h.its.pending_commands == 0
+    assert h.its.process_commands() == 0
+
+
 def test_load_state_respects_the_ite_limit():
     h = busy_harness()
     small = Harness(ItsConfig(max_ites=2), nr_vcpus=3)
