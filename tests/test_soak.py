@@ -179,7 +179,7 @@ def test_silence_bound_grows_with_the_progress_period():
 
 def clean_run() -> dict:
     return {"its": "user", "iogen": final(), "iogen_rc": 0,
-            "progress": [progress(float(t)) for t in range(10, 200, 10)]}
+            "progress": [progress(float(t), ios=100 * t) for t in range(10, 200, 10)]}
 
 
 #: a word for each failure message, to check which ones a run gets
@@ -188,7 +188,8 @@ KINDS = {"stopped by the host": "stopped", "the guest's run": "guest", "the job:
          "completed only after": "stalled", "never completed": "lost", "no I/O completed": "no_io",
          "before the read-back sweep": "no_sweep", "no affinity churn": "no_churn",
          "affinity moves failed": "move_failures", "no affinity move succeeded": "no_moves",
-         "exited with status": "rc", "a stall at": "stall_seen", "printed no progress for": "gap",
+         "exited with status": "rc", "without a route to the ITS": "unrouted", "could not complete": "bad_requests",
+         "the hidden ITS dropped": "hidden_dropped", "a stall at": "stall_seen", "printed no progress for": "gap",
          "malformed iogen lines": "bad_lines"}
 
 
@@ -220,6 +221,13 @@ def test_a_clean_run_passes():
     ({"progress": [progress(10.0), progress(20.0, stalled_now=1, oldest_ms=12000.0)]}, ["stall_seen"]),
     ({"progress": [progress(10.0), progress(31.0)]}, ["gap"]),
     ({"bad_lines": ["KVMITS-IOGEN-PROGRESS {"]}, ["bad_lines"]),
+    ({"devices": {"delta": {"virtio-blk0": {"msis_unrouted": 1, "msis_bad_address": 0, "bad_requests": 0}}}},
+     ["unrouted"]),
+    ({"devices": {"delta": {"virtio-blk0": {"msis_unrouted": 0, "msis_bad_address": 2}}}}, ["unrouted"]),
+    ({"devices": {"delta": {"virtio-blk0": {"msis_unrouted": 0, "bad_requests": 1}}}}, ["bad_requests"]),
+    ({"its_stats": {"delta": {"vcpu_stops": 100, "msis_dropped": 3}}}, ["hidden_dropped"]),
+    ({"its_stats": {"delta": {"vcpu_stops": 100, "msis_dropped": 0}},
+      "devices": {"delta": {"virtio-blk0": {"msis_unrouted": 0, "msis_bad_address": 0, "bad_requests": 0}}}}, []),
 ])
 def test_each_failure_is_named(change, kinds):
     run = dict(clean_run(), **change)
@@ -337,6 +345,8 @@ def test_report_as_text():
     assert rows["verdict"].split()[-2:] == ["PASS", "FAIL"]
     assert rows["I/O done (reads / writes)"].count("400,000 (200,000 / 200,000)") == 2
     assert rows["stalled I/O (> stall bound) / lost I/O"].split()[-3:] == ["0", "/", "1"]
+    assert rows["IOPS per minute, mixed phase: min / median / max"].count("100 / 100 / 100") == 2
+    assert rows["worst minute / median minute"].split()[-2:] == ["1.00", "1.00"]
     assert "in KVM" in rows["ITS: vCPU stops / commands / Python MSIs / slow path"]
     assert "7,200 / 7,202 / 0 / 0" in rows["ITS: vCPU stops / commands / Python MSIs / slow path"]
     assert "20 / 40 / 40 (flat)" in rows["VMM open fds start / steady / end"]

@@ -444,6 +444,18 @@ def failures(run: dict, config: SoakConfig) -> list[str]:
                                f"{churn.get('first_errno')})")
                 if not churn.get("moves"):
                     out.append("no affinity move succeeded")
+    # the host's own view of lost interrupts and stuck requests
+    for name, d in sorted((_get(run, "devices", "delta") or {}).items()):
+        dropped = d.get("msis_unrouted", 0) + d.get("msis_bad_address", 0)
+        if dropped:
+            out.append(f"{name}: {dropped} MSIs fired on vectors without a route to the ITS (dropped: lost "
+                       f"interrupts)")
+        if d.get("bad_requests"):
+            out.append(f"{name}: {d['bad_requests']} requests the device model could not complete (the device "
+                       f"needs a reset)")
+    dropped = (_get(run, "its_stats", "delta") or {}).get("msis_dropped", 0)
+    if dropped:
+        out.append(f"the hidden ITS dropped {dropped} MSIs that the userspace ITS translated (lost interrupts)")
     if run.get("iogen_rc") not in (None, 0) and not out:
         out.append(f"iogen exited with status {run['iogen_rc']}")
     seen = stall_seen(run.get("progress", []))
