@@ -62,6 +62,7 @@ def test_job_runs_iogen_verify_with_churn_on_the_shared_vector():
     assert " --verify --qd 8 --seconds 180 --progress 10 --stall-seconds 10 " in cmd
     assert cmd.endswith(' --churn "$irq" --churn-hz 20 --cpus 4')
     assert job.rstrip().endswith("exit $rc")            # the job's status is iogen's
+    assert f"rc=$?\nsleep {soak.END_WAIT_S}\n" in job   # the host samples the VMM while it runs
     assert subprocess.run(["sh", "-n"], input=job, text=True).returncode == 0
 
 
@@ -303,6 +304,8 @@ def test_process_summary_judges_the_steady_part():
     assert s["start"]["t"] == 0.0 and s["steady"]["t"] == 120.0 and s["end"]["t"] == 200.0
     assert s["growth"] == {"rss_kb": 1500, "anon_kb": 1500, "shmem_kb": 0, "fds": 0, "threads": 0}
     assert s["flat"] == {"fds": True, "threads": True, "anon": True}
+    after = soak.process_summary(samples + [sample(210.0, soak.AFTER, anon=50000, threads=2)])
+    assert after["end"]["t"] == 200.0 and after["flat"]["threads"]      # the machine's end is not compared
     leaky = samples[:-1] + [sample(200.0, "end", anon=70000, fds=41)]
     assert soak.process_summary(leaky)["flat"] == {"fds": False, "threads": True, "anon": False}
     assert soak.process_summary([]) == {"samples": 0}

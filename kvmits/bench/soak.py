@@ -72,6 +72,11 @@ FINAL_NUMBERS = ("seconds", "ios", "errors", "lost", "stalled", "iops")
 VERIFY_NUMBERS = ("blocks", "reads", "writes", "fill_writes", "sweep_reads", "unverified", "corrupt", "stale",
                   "misdirected", "damaged")
 CHURN_NUMBERS = ("moves", "move_failures")
+#: the phase of a VMM sample taken after the machine ended (not compared: its threads are gone)
+AFTER = "after-exit"
+#: seconds the job waits after iogen's report, so that the host's next poll samples the VMM
+#: while the machine still runs (POLL_S apart, with room for the testbed's slow spells)
+END_WAIT_S = 5
 #: the VMM's private memory (RssAnon) counts as flat if it grew by at most this over the
 #: steady part of the run (the Python heap breathes by a few hundred KiB)
 FLAT_ANON_KB = 2048
@@ -132,6 +137,7 @@ def job(config: SoakConfig, cpus: int = linux.CPUS) -> str:
 {find}irqs start
 {iogen}
 rc=$?
+sleep {END_WAIT_S}
 irqs end
 exit $rc
 """
@@ -304,11 +310,11 @@ def process_sample(proc: str = "/proc/self") -> dict:
 def process_summary(samples: list[dict]) -> dict:
     """Start and end of the VMM's figures, and whether they stayed flat over the steady part of
     the run: from the first sample taken in iogen's mixed phase (the boot and the fill allocate)
-    to the last."""
+    to the last one taken while the machine ran (its vCPU threads end with it)."""
     if not samples:
         return {"samples": 0}
     steady = next((s for s in samples if s.get("phase") == "mixed"), samples[0])
-    end = samples[-1]
+    end = next((s for s in reversed(samples) if s.get("phase") != AFTER), samples[-1])
     out = {"start": samples[0], "steady": steady, "end": end, "samples": len(samples)}
     growth = {k: end[k] - steady[k] for k in ("rss_kb", "anon_kb", "shmem_kb", "fds", "threads")
               if k in end and k in steady}
@@ -513,10 +519,11 @@ def soak_one(its: str, guest, iogen: bytes, config: SoakConfig, workdir: str, pr
                     say(f"{its} ITS, t={p['t']:.0f} s ({p['phase']}): {p['ios']:,} I/O, {p['errors']} errors, "
                         f"{p['corrupt']} corrupt, {p['moves']:,} affinity moves")
             if monitor.final is not None and not end_sampled:
-                # iogen is done and the machine still runs: the end sample is comparable to the rest
-                samples.append(dict(process_sample(), t=round(now - t0, 3), phase="end"))
+                # iogen is done and (the job waits END_WAIT_S) the machine still runs: its threads
+                # and fds are there, so the sample compares with the others
+                samples.append(dict(process_sample(), t=round(now - t0, 3), phase="end" if ended is None else AFTER))
                 stats1, devices1, end_sampled = its_stats(m), device_stats(m), True
-            if now >= next_sample and not end_sampled:
+            if ended is None and now >= next_sample and not end_sampled:
                 samples.append(dict(process_sample(), t=round(now - t0, 3), phase=monitor.phase))
                 next_sample += SAMPLE_S
             if ended is None:
@@ -529,7 +536,7 @@ def soak_one(its: str, guest, iogen: bytes, config: SoakConfig, workdir: str, pr
                     m.stop()
         monitor.feed(tap.take() + b"\n", clock() - t0)
         if not end_sampled:
-            samples.append(dict(process_sample(), t=round(clock() - t0, 3), phase="end"))
+            samples.append(dict(process_sample(), t=round(clock() - t0, 3), phase=AFTER))
             stats1, devices1 = its_stats(m), device_stats(m)
         run["wall_s"] = round(clock() - t0, 3)
     finally:
