@@ -1153,6 +1153,11 @@ def _parse_state(state: dict, nr_vcpus: int, config: ItsConfig):
         # invalid; a runnable queue with it would read commands past the queue's end
         # (found by tools/fuzz model)
         raise ValueError("ITS state: CWRITER is beyond the command queue of a valid queue")
+    if regs["queue_invalid"] and regs["cwriter"] < qsize:
+        # the queue is invalid only while GITS_CWRITER is beyond it: an invalid queue with an
+        # in-range GITS_CWRITER never runs, and a guest polling GITS_CREADR waits for ever
+        # (found by tools/fuzz model)
+        raise ValueError("ITS state: queue_invalid with CWRITER inside the command queue")
 
     def keyed(mapping, what):
         if not isinstance(mapping, dict):

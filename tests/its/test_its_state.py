@@ -131,6 +131,22 @@ def test_load_state_refuses_cwriter_beyond_a_valid_queue():
     assert h.its.process_commands() == 0
 
 
+def test_load_state_refuses_an_invalid_queue_with_cwriter_inside_it():
+    """Found by tools/fuzz model (tests/fuzz/crashers/load-state-queue-invalid): the queue
+    marked invalid with an in-range GITS_CWRITER loaded, and then no GITS_CREADR poll ran the
+    commands before it (the guest waits for ever)."""
+    h = busy_harness()
+    h.ram.poke(h.queue_base, C.encode_sync())
+    state = copy.deepcopy(h.its.save_state())
+    state["registers"]["cwriter"] = state["registers"]["creadr"] + 32
+    state["registers"]["queue_invalid"] = True
+    with pytest.raises(ValueError, match="queue_invalid with CWRITER inside"):
+        h.its.load_state(state)
+    state["registers"]["queue_invalid"] = False
+    h.its.load_state(state)
+    assert h.its.mmio_read(R.GITS_CREADR, 8) == state["registers"]["cwriter"]
+
+
 def test_load_state_respects_the_ite_limit():
     h = busy_harness()
     small = Harness(ItsConfig(max_ites=2), nr_vcpus=3)
