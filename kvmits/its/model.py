@@ -1067,7 +1067,10 @@ class ItsModel:
                 dev.events[eventid] = (intid, key)
                 self._index_add(key, (devid, eventid))
                 self._ite_count += 1
-                if not orphan and icid not in collections:
+                if not orphan and icid not in collections and self._orphan_on_unmap:
+                    # (KVM) an ITE whose ICID has no target names a collection MAPTI made;
+                    # with CollectionUnmap.KEEP it may name one MAPC V=0 unmapped, which is
+                    # no placeholder (a round trip made it one: found by tools/fuzz model)
                     self._placeholders.add(icid)
 
     def save_tables(self) -> int:
