@@ -166,6 +166,11 @@ def run(args) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(args)
+    except _Terminated:
+        # before the guest ran (building the VM, loading the image): nothing to stop, and the
+        # machine was closed on the way out
+        print("\nkvmits run: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -490,8 +495,10 @@ def _wait(session, timeout: float | None):
 
 def _run_until_exit(session, args, console) -> int:
     """Start the vCPUs and wait for the guest to end; the exit status (see the module's docstring)."""
-    session.machine.start()
     try:
+        # inside the try: a SIGTERM or Ctrl-C while the vCPU threads start (the control socket
+        # already answers) stops the guest like one during the run
+        session.machine.start()
         result = _wait(session, args.timeout)
     except TimeoutError:
         session.machine.stop()
