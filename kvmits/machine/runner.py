@@ -178,7 +178,18 @@ class VcpuRunner:
                 self._states[i] = IN_RUN
                 t = threading.Thread(target=self._thread_main, args=(i,), name=f"vcpu{i}", daemon=True)
                 self._threads[i] = t
-                t.start()
+                try:
+                    t.start()
+                except BaseException:
+                    # a signal handler's exception (Ctrl-C, `kvmits run`'s SIGTERM) raised in
+                    # Thread.start's wait for the thread, or no thread to be had: end the VM so
+                    # that the threads already going stop and wait() returns. A thread that has
+                    # not run yet (no ident) counts as ended and is not joined; if it does run,
+                    # it finds the stop and ends at once.
+                    if t.ident is None:
+                        self._states[i] = EXITED
+                    self.stop()
+                    raise
 
     @property
     def started(self) -> bool:
@@ -269,7 +280,7 @@ class VcpuRunner:
     def _join(self) -> None:
         end = time.monotonic() + JOIN_TIMEOUT
         for t in self._threads:
-            if t is not None:
+            if t is not None and t.ident is not None:     # (None: see start())
                 t.join(max(0.0, end - time.monotonic()))
                 if t.is_alive():
                     log.warning("%s did not end within %.0f s of the VM ending", t.name, JOIN_TIMEOUT)
@@ -370,7 +381,8 @@ class VcpuRunner:
 
     def _signal(self, cpu: int) -> None:
         t = self._threads[cpu]
-        if t is None or self._states[cpu] == EXITED:
+        # ident is None until a just-started thread runs: it has not reached KVM_RUN either
+        if t is None or t.ident is None or self._states[cpu] == EXITED:
             return
         try:
             signal.pthread_kill(t.ident, self.kick_signal)

@@ -371,3 +371,28 @@ def test_end_listener_sees_a_poweroff(kicks):
     runner.start()
     runner.wait(TIMEOUT)
     assert ends == [("poweroff", None)]
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["interrupted-after-launch", "never-launched"])
+def test_start_interrupted_between_threads_ends_the_vm(kicks, monkeypatch, launched):
+    # What a SIGTERM (kvmits run raises from its handler) or Ctrl-C does when it lands in
+    # Thread.start()'s wait for vCPU 1's thread: vCPU 0 runs, vCPU 1's thread may or may not
+    # exist and has no ident yet. start() re-raises; the VM has ended and nothing waits for ever.
+    runner, _ = make(kicks, [mmio_forever(DEV), mmio_forever(DEV), mmio_forever(DEV)])
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "vcpu1":
+            if launched:
+                real_start(self)
+            raise KeyboardInterrupt
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        runner.start()
+    monkeypatch.undo()
+    assert runner.wait(TIMEOUT) == MachineExit("stopped", EXIT_STOPPED)
+    assert runner.states() == ["EXITED"] * 3
+    runner.pause_all(TIMEOUT)           # nothing is counted as inside KVM_RUN
+    runner.resume_all()
