@@ -382,12 +382,19 @@ class VcpuRunner:
     def _signal(self, cpu: int) -> None:
         t = self._threads[cpu]
         # ident is None until a just-started thread runs: it has not reached KVM_RUN either
-        if t is None or t.ident is None or self._states[cpu] == EXITED:
+        if t is None or t.ident is None:
             return
-        try:
-            signal.pthread_kill(t.ident, self.kick_signal)
-        except ProcessLookupError:
-            pass                        # the thread ended in between
+        # Under the lock the thread takes to mark itself EXITED (_thread_main): a thread seen
+        # otherwise is still alive, so its pthread_t is still its own. Python threads are
+        # detached, and pthread_kill on the pthread_t of one that has ended is undefined (the
+        # descriptor may already belong to a new thread, or be freed).
+        with self._cond:
+            if self._states[cpu] == EXITED:
+                return
+            try:
+                signal.pthread_kill(t.ident, self.kick_signal)
+            except ProcessLookupError:
+                pass                    # ended in the kernel, not yet in Python's eyes
 
     # -- the vCPU thread ---------------------------------------------------------------------------
     def _thread_main(self, cpu: int) -> None:
