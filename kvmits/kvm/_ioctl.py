@@ -5,12 +5,17 @@ function's argument handling on every exit, and raises the same KvmError (kvmits
 
 from __future__ import annotations
 
+import threading
+
+import os
+
 from kvmits import uapi
 from kvmits.errors import KvmError
 
 ffi = uapi.ffi
 _libc_ioctl = uapi.libc.ioctl
 _ULONG0 = ffi.cast("unsigned long", 0)
+_get_ident = threading.get_ident     # pthread_self(): see thread_pointer_changed()
 
 
 def ioctl(fd: int, name: str, arg=None, detail: str = "") -> int:
@@ -25,10 +30,32 @@ def ioctl(fd: int, name: str, arg=None, detail: str = "") -> int:
         carg = ffi.cast("unsigned long", arg)
     else:
         carg = arg
+    me = _get_ident()
     ret = _libc_ioctl(fd, getattr(uapi, name), carg)
+    if _get_ident() != me:
+        thread_pointer_changed(name, me)
     if ret < 0:
         raise KvmError(name, ffi.errno, detail)
     return ret
+
+
+def thread_pointer_changed(what: str, before: int) -> None:
+    """The ioctl `what` returned to a thread whose pthread_self() is no longer `before`: abort.
+
+    pthread_self() is derived from the thread pointer (TPIDR_EL0 on arm64, FS on x86_64), which
+    glibc's TLS, errno and CPython's thread identity hang from. Seen in the testbed with Debian's
+    6.1 arm64 kernel in VHE mode: KVM_RUN came back to a vCPU thread with the pointer of another
+    vCPU thread of the process (docs/kernels.md, "KVM_RUN returned with another thread's thread
+    pointer"). Two threads then share one TLS (malloc's per-thread cache among it) and nothing
+    the process does afterwards can be trusted, so this says what happened with bytes and
+    write(2) alone - no Python object is formatted on the borrowed TLS - and aborts (a core
+    dump, where enabled, has the rest). Vcpu.run and ioctl() check every call: one
+    threading.get_ident() each side, ~50 ns.
+    """
+    os.write(2, b"kvmits: %s returned to a thread whose thread pointer is another thread's "
+                b"(pthread_self() was %#x, is %#x): a host kernel bug (docs/kernels.md); aborting\n"
+             % (what.encode(), before, _get_ident()))
+    os.abort()
 
 
 def address_of(cdata) -> int:

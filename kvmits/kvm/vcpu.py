@@ -6,16 +6,18 @@ import errno
 import mmap
 import os
 import struct
+import threading
 
 from kvmits import uapi
 from kvmits.errors import KvmError
-from kvmits.kvm._ioctl import address_of, ioctl
+from kvmits.kvm._ioctl import address_of, ioctl, thread_pointer_changed
 
 ffi = uapi.ffi
 _libc_ioctl = uapi.libc.ioctl
 _KVM_RUN = uapi.KVM_RUN
 _KVM_EXIT_MMIO = uapi.KVM_EXIT_MMIO
 _NULL_ARG = ffi.cast("unsigned long", 0)
+_get_ident = threading.get_ident     # pthread_self() (kvmits.kvm._ioctl.thread_pointer_changed)
 
 # kvm_run from exit_reason (offset 8) to mmio.is_write: one unpack per exit, no slicing.
 # The offsets are those of struct kvm_run in include/kvmits.h (checked by the layout test).
@@ -140,13 +142,16 @@ class Vcpu:
     # -- KVM_RUN ---------------------------------------------------------------------------
     def run(self) -> Exit:
         """Enter the guest until it exits. EINTR returns Vcpu.INTR; other errors raise KvmError."""
+        me = _get_ident()
         ret = _libc_ioctl(self.fd, _KVM_RUN, _NULL_ARG)
+        if _get_ident() != me:
+            thread_pointer_changed(f"KVM_RUN of vCPU {self.index}", me)
         if ret < 0:
             err = ffi.errno
             if err == errno.EINTR:
                 return self.INTR
-            # the return value too: once in ~1000 machines on 6.1 under load KVM_RUN came back
-            # negative with errno 0, which says nothing without it
+            # the return value too, should it not be -1 (a KVM_RUN that failed with "errno 0" on
+            # 6.1 turned out to be the thread-pointer bug above: errno went to another TLS)
             raise KvmError("KVM_RUN", err, f"vcpu {self.index}" + ("" if ret == -1 else f", returned {ret}"))
         reason, phys, data, length, is_write = _RUN_HEAD.unpack_from(self._map, _RUN_OFF)
         if reason == _KVM_EXIT_MMIO:
