@@ -73,21 +73,6 @@ def assert_flat(before: dict, after: dict, what: str) -> None:
     assert grew < RSS_SLACK, f"{what}: RSS grew by {grew >> 10} KiB (slack {RSS_SLACK >> 10} KiB)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def vm_count_keeper(arm64_kvm):
-    """One idle VM for the whole module, created before any resource is counted, so that KVM's
-    VM count never drops to zero between two machines. In the testbed, a process that takes it
-    to zero and back hundreds of times breaks the host kernel's per-CPU state - a vCPU thread's
-    KVM_RUN returned with another thread's TPIDR_EL0 (the VMM then dies of SIGSEGV), KVM warned
-    of no running vCPU inside one's own KVM_RUN - in most 1,000-machine runs with the kernel's
-    ITS on 6.1 (VHE), and 6.12 too; none with this VM held. Each time the count reaches zero the
-    kernel flips its preempt-notifier static key and, on 6.1, turns virtualization off and on
-    on every CPU (kvm_destroy_vm / kvm_create_vm): docs/kernels.md, "The testbed: per-CPU state
-    on the wrong CPU". What kvmits itself leaves behind is counted as before."""
-    with Kvm() as kvm, kvm.create_vm():
-        yield
-
-
 def agent_machine(its: str, cpus: int = 2) -> Machine:
     m = Machine(MachineConfig(cpus=cpus, mem_size=MEM, its=its, agent=True))
     try:
