@@ -2,9 +2,10 @@
 (kernel and user, --kvmits-its), arm64_kvm and its_lab; `lab` is our name for the plugin's lab."""
 
 import os
-import platform
 
 import pytest
+
+from kvmits.pytest_plugin import arm64_kvm_unavailable_reason
 
 #: vCPUs of the shared ITS lab (the plugin's default --kvmits-cpus)
 LAB_CPUS = 4
@@ -31,8 +32,8 @@ def vm_count_keeper():
     state on the wrong CPU when the VM count keeps reaching zero". Tests count what kvmits
     leaves behind relative to their own start, so this VM's two fds are in every count.
     KVMITS_VM_KEEPER=0 leaves it out, to reproduce that."""
-    if platform.machine() != "aarch64" or os.environ.get("KVMITS_VM_KEEPER") == "0":
-        yield               # (elsewhere the arm64 tests skip themselves: kvmits.pytest_plugin)
+    if arm64_kvm_unavailable_reason() is not None or os.environ.get("KVMITS_VM_KEEPER") == "0":
+        yield               # (without arm64 KVM the tests skip themselves, saying why)
         return
     from kvmits.kvm import Kvm
 
