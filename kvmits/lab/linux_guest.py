@@ -11,8 +11,9 @@ carried by the testbed into every run at /opt/kvmits/linux-guest:
 /init prints KVMITS-GUEST-INIT, mounts /proc, /sys and /dev, loads the modules (a line "KVMITS-GUEST-INSMOD-FAILED
 <module>: <why>" for each that fails), prints KVMITS-GUEST-READY, runs `sh /job.sh` if the
 initrd has one (its stdout and stderr on the console, stdin /dev/null), prints
-"KVMITS-GUEST-DONE rc=<its status>" (rc=127 without a job), syncs and powers off (PSCI
-SYSTEM_OFF: the machine ends with reason "poweroff").
+"KVMITS-GUEST-DONE rc=<its status>" (rc=127 without a job), closes the console so that the
+UART has sent everything, syncs and powers off (PSCI SYSTEM_OFF: the machine ends with reason
+"poweroff").
 
     guest = LinuxGuest.find()                  # None: LinuxGuest.why_missing() says why
     console = io.BytesIO()
