@@ -191,6 +191,25 @@ def test_the_init_script_follows_the_contract(tmp_path):
     assert subprocess.run(["sh", "-n", str(tmp_path / "init")]).returncode == 0
 
 
+def test_init_closes_the_console_after_done_and_before_poweroff(tmp_path):
+    # The last close of the console's tty waits until the UART has sent what is queued; without
+    # it 6.12 lost the DONE line to the power-off (docs/kernels.md). Run /init's end with
+    # stand-ins for sync and poweroff that record where their stdio points.
+    script = linux_guest.init_script([])
+    tail = script[script.index('echo "KVMITS-GUEST-DONE'):]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sync", "poweroff"):
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\nfds=$(for fd in 0 1 2; do readlink /proc/$$/fd/$fd; done)\n"
+                        f"echo $fds > {tmp_path / name}.fds\n")
+        tool.chmod(0o755)
+    out = subprocess.run(["sh", "-c", "rc=3\n" + tail], capture_output=True, text=True, check=True,
+                         env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert out.stdout == "KVMITS-GUEST-DONE rc=3\n"
+    assert (tmp_path / "poweroff.fds").read_text().split() == ["/dev/null"] * 3
+
+
 def test_the_initramfs(tmp_path):
     tree = ModuleTree.scan(write_tree(tmp_path, BOOKWORM, BOOKWORM_BUILTIN))
     guest = linux_guest.make_guest(image_bytes(), tree, BUSYBOX)
