@@ -286,8 +286,8 @@ fi
 echo "{DONE} rc=$rc"
 # Close the console before powering off: PID 1 holds the tty's last open, and its last close
 # waits until the UART has sent what is queued (tty_port_close_start, up to closing_wait).
-# Without it Linux 6.12 lost the last lines after an idle spell (the serial port's runtime PM,
-# 500 ms autosuspend, defers TX to a resume) in 2 of 40 runs (docs/kernels.md). A job that
+# Without it Linux 6.12 lost the last line after an idle spell in 2 of 40 runs (docs/kernels.md:
+# our reading is the serial port's runtime PM, 500 ms autosuspend, deferring TX). A job that
 # leaves a process holding the console keeps this close from being the last one.
 exec </dev/null >/dev/null 2>&1
 sync
